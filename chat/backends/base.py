@@ -1,0 +1,77 @@
+"""What the session needs from a backend and from its tokenizer.
+
+A backend owns a model and its key/value cache. It is driven one sequence at a time:
+`prefill(ids)` starts (or continues, when `ids` extends what is cached) a sequence and returns the
+next-token logits; `decode(token)` appends one token and returns the next logits. Sampling, stop
+conditions and streaming text live in `chat.generation`, shared by all backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+@dataclass
+class LoadOptions:
+    """How the user asked for the model to be loaded (from the command line)."""
+
+    model: str
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    offline: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class BackendInfo:
+    name: str  # "transformers" or "torchscript"
+    model: str  # what the user named
+    path: str  # the local directory loaded
+    device: str  # torch device string, e.g. "cpu", "cuda:0"
+    dtype: str  # "float32", "bfloat16", ...
+    context_length: int  # most tokens one sequence may hold (prompt + reply)
+    reason: str = ""  # why this backend was chosen (shown by !status)
+    notes: list[str] = field(default_factory=list)  # e.g. why auto fell back
+
+
+class ChatTokenizer(Protocol):
+    eos_token_ids: set[int]
+
+    @property
+    def has_chat_template(self) -> bool: ...
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens left out."""
+        ...
+
+    def render(self, messages: list[Message]) -> str:
+        """The prompt text for `messages` by the model's chat template, ready for the assistant."""
+        ...
+
+
+class Backend(Protocol):
+    info: BackendInfo
+    tokenizer: ChatTokenizer
+
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Make `ids` the whole cached sequence; return 1-D next-token logits.
+
+        A backend may keep the longest common prefix of its cache and only run the rest; it must
+        stay consistent if interrupted (KeyboardInterrupt) at any point.
+        """
+        ...
+
+    def decode(self, token: int) -> torch.Tensor:
+        """Append `token` to the cached sequence; return 1-D next-token logits."""
+        ...
+
+    def close(self) -> None: ...

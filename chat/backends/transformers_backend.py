@@ -1,0 +1,223 @@
+"""The transformers backend: any causal LM that transformers can load, with its own KV cache."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from chat.backends.base import BackendInfo, LoadOptions, Message
+from chat.errors import ChatError, UsageError
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds memory and keeps Ctrl+C responsive
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available here; use --device cpu")
+        index = torch.device(device).index or 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class HFTokenizer:
+    """transformers' AutoTokenizer behind the ChatTokenizer protocol."""
+
+    def __init__(self, tokenizer, eos_token_ids: set[int]):
+        self._tok = tokenizer
+        self.eos_token_ids = eos_token_ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def render(self, messages: list[Message]) -> str:
+        try:
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as why:  # jinja raises TemplateError from the template's own checks
+            raise ChatError(f"the model's chat template refused these messages: {why}") from None
+
+
+def locate_model(options: LoadOptions) -> Path:
+    """A local directory for the model: the path itself, or a Hub snapshot (downloaded unless offline)."""
+    path = Path(options.model).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_path = options.model.startswith((".", "/", "~")) or options.model.count("/") > 1
+    if looks_like_path or path.exists():
+        raise UsageError(f"model directory {options.model} does not exist; check the path")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+    try:
+        return Path(snapshot_download(options.model, allow_patterns=patterns, local_files_only=options.offline))
+    except RepositoryNotFoundError:
+        raise ChatError(
+            f"no model '{options.model}' on the Hugging Face Hub (or it is private: run `hf auth login`)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ChatError(
+            f"'{options.model}' is not in the local Hugging Face cache and offline mode is on; "
+            "run once online, or name a local directory"
+        ) from None
+    except (HfHubHTTPError, OSError) as why:
+        raise ChatError(f"could not download '{options.model}' ({why}); check the network or use --offline") from None
+    except ValueError as why:  # an invalid repo id
+        raise UsageError(f"'{options.model}' is neither a directory nor a Hub model id ({why})") from None
+
+
+def check_model_dir(path: Path, trust_remote_code: bool) -> dict:
+    """Read config.json and fail early, in one line, on what transformers would fail on later."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ChatError(f"{path} has no config.json; is this a Hugging Face model directory?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        assert isinstance(config, dict)
+    except (ValueError, AssertionError):
+        raise ChatError(f"{config_path} is not valid JSON; re-download or re-create the model") from None
+    if "auto_map" in config and "AutoModelForCausalLM" in config["auto_map"] and not trust_remote_code:
+        import transformers
+
+        known = config.get("model_type") in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if not known:
+            raise ChatError(f"{path} needs its own Python code to run; if you trust it, add --trust-remote-code")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    if not weights:
+        raise ChatError(f"{path} has no weights (*.safetensors or *.bin); download the model again")
+    return config
+
+
+class TransformersBackend:
+    def __init__(self, options: LoadOptions):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        path = locate_model(options)
+        config = check_model_dir(path, options.trust_remote_code)
+        device = resolve_device(options.device)
+        dtype = resolve_dtype(options.dtype, device)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        common = {"trust_remote_code": options.trust_remote_code, "local_files_only": True}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        except Exception as why:
+            raise ChatError(
+                f"could not load the tokenizer of {path} ({_short(why)}); the model needs tokenizer files"
+            ) from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
+        except ValueError as why:
+            if "trust_remote_code" in str(why):
+                raise ChatError(f"{path} needs its own Python code; if you trust it, add --trust-remote-code") from None
+            raise ChatError(f"transformers cannot load {path} as a causal LM ({_short(why)})") from None
+        except Exception as why:
+            raise ChatError(
+                f"could not load the weights of {path} ({_short(why)}); they may be truncated: download again"
+            ) from None
+        self.model = model.to(device).eval()
+        eos = {*_ids(model.generation_config.eos_token_id), *_ids(config.get("eos_token_id"))}
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.tokenizer = HFTokenizer(tokenizer, eos)
+        self.info = BackendInfo(
+            name="transformers",
+            model=options.model,
+            path=str(path),
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            context_length=_context_length(model.config),
+        )
+        self._device = device
+        # transformers 5.x renamed past_key_values to cache; older versions only know the former.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache = None
+        self._cached: list[int] = []  # the token ids whose keys/values the cache holds
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        ids = list(ids)
+        keep = _common_prefix(self._cached, ids)
+        if keep == len(ids):  # the whole prompt is cached: recompute the last token for its logits
+            keep -= 1
+        if self._cache is None or keep == 0:
+            from transformers import DynamicCache
+
+            self._cache, self._cached = DynamicCache(), []
+        elif keep < len(self._cached):
+            self._cache.crop(keep)
+            self._cached = self._cached[:keep]
+        logits = None
+        for start in range(keep, len(ids), PREFILL_CHUNK):
+            logits = self._forward(ids[start : start + PREFILL_CHUNK])
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, token: int) -> torch.Tensor:
+        return self._forward([token])
+
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        input_ids = torch.tensor([ids], device=self._device)
+        try:
+            cache = {self._cache_arg: self._cache}
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache)
+        except BaseException:
+            # An interrupted forward may have written part of the chunk into the cache: start over next time.
+            self._cache, self._cached = None, []
+            raise
+        self._cached.extend(ids)
+        return out.logits[0, -1]
+
+    def close(self) -> None:
+        self._cache = None
+        del self.model
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _ids(value) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    return [v for v in value or [] if isinstance(v, int)]
+
+
+def _context_length(config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _short(why: BaseException) -> str:
+    text = str(why).strip().splitlines()
+    return (text[0] if text else type(why).__name__)[:200]
