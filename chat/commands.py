@@ -1,0 +1,143 @@
+"""The `!` commands of the chat. Each takes the session and the rest of the line."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from chat.errors import ChatError
+from chat.params import PARSERS, parse_assignments
+
+if TYPE_CHECKING:
+    from chat.session import Session
+
+
+@dataclass
+class Command:
+    usage: str
+    help: str
+    run: Callable[[Session, str], None]
+
+
+def do_help(session: Session, rest: str) -> None:
+    width = max(len(c.usage) for c in COMMANDS.values())
+    lines = [f"  {c.usage:<{width}}  {c.help}" for c in COMMANDS.values()]
+    lines.append("")
+    lines.append("  parameters for !set: " + ", ".join(PARSERS))
+    lines.append('  a line """ starts a multi-line message, another ends it; Ctrl+C stops a reply')
+    session.say("\n".join(lines))
+
+
+def do_exit(session: Session, rest: str) -> None:
+    session.running = False
+
+
+def do_set(session: Session, rest: str) -> None:
+    changes = parse_assignments(rest.split())
+    session.set_params(session.params.replace(**changes), reseed="seed" in changes)
+    session.say(" ".join(f"{key}={getattr(session.params, key)}" for key in changes))
+
+
+def do_status(session: Session, rest: str) -> None:
+    info = session.backend.info
+    params = " ".join(f"{k}={v}" for k, v in session.params.as_dict().items())
+    history = session.conversation
+    dropped = f", {history.context_start} message(s) dropped from context" if history.context_start else ""
+    rows = [
+        ("model", f"{info.model} ({info.path})" if info.path != info.model else info.model),
+        ("backend", f"{info.name}" + (f" ({info.reason})" if info.reason else "")),
+        ("device", f"{info.device}, {info.dtype}"),
+        ("parameters", params),
+        ("system", history.system if history.system else "(none)"),
+        (
+            "context",
+            f"{session.context_tokens()} / {info.context_length} tokens, {len(history.messages)} messages" + dropped,
+        ),
+    ]
+    stats = session.last_stats
+    if stats is not None:
+        rows.append(("last reply", stats.line()))
+    width = max(len(name) for name, _ in rows)
+    session.say("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+
+
+def do_clear(session: Session, rest: str) -> None:
+    session.conversation.clear()
+    session.say("history cleared" + (" (system prompt kept)" if session.conversation.system else ""))
+
+
+def do_system(session: Session, rest: str) -> None:
+    if not rest:
+        session.say(session.conversation.system or "(no system prompt; set one with !system TEXT)")
+        return
+    session.conversation.system = rest
+    session.say("system prompt set")
+
+
+def do_undo(session: Session, rest: str) -> None:
+    dropped = session.conversation.undo()
+    session.say(f"removed the last exchange ({dropped} message(s))" if dropped else "nothing to undo")
+
+
+def do_regen(session: Session, rest: str) -> None:
+    messages = session.conversation.messages
+    if messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    if not messages or messages[-1]["role"] != "user":
+        session.say("nothing to regenerate: send a message first")
+        return
+    session.respond()
+
+
+def do_save(session: Session, rest: str) -> None:
+    if rest:
+        path = Path(rest).expanduser()
+    else:
+        path = session.options.save_dir / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
+    if path.is_dir():
+        raise ChatError(f"{path} is a directory; give a file name, like !save {path / 'chat.json'}")
+    session.save(path)
+    session.say(f"saved {len(session.conversation.messages)} message(s) to {path}")
+
+
+def do_load(session: Session, rest: str) -> None:
+    if not rest:
+        raise ChatError("usage: !load PATH (a file written by !save)")
+    session.load(Path(rest))
+    session.say(f"loaded {len(session.conversation.messages)} message(s) from {Path(rest).expanduser()}")
+
+
+COMMANDS: dict[str, Command] = {
+    "help": Command("!help", "show this list", do_help),
+    "exit": Command("!exit, !quit", "leave the chat (also Ctrl+D)", do_exit),
+    "set": Command("!set key=value ...", "change generation parameters", do_set),
+    "status": Command("!status", "model, backend, parameters, context use, last reply's speed", do_status),
+    "clear": Command("!clear", "forget the history (the system prompt stays)", do_clear),
+    "system": Command("!system [TEXT]", "show or set the system prompt", do_system),
+    "undo": Command("!undo", "remove the last exchange", do_undo),
+    "regen": Command("!regen", "answer the last message again", do_regen),
+    "save": Command("!save [PATH]", "save the session as JSON (default: in --save-dir)", do_save),
+    "load": Command("!load PATH", "restore a saved session", do_load),
+}
+ALIASES = {"quit": "exit"}
+
+
+def run_command(session: Session, line: str) -> None:
+    """Run one `!` line. A bad command or argument gets one line; the session always goes on."""
+    word, _, rest = line.removeprefix("!").strip().partition(" ")
+    name = ALIASES.get(word.lower(), word.lower())
+    command = COMMANDS.get(name)
+    if command is None:
+        known = [*COMMANDS, *ALIASES]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f"did you mean !{close[0]}? " if close else ""
+        session.error(f"unknown command !{word}; {hint}(!help lists them)")
+        return
+    try:
+        command.run(session, rest.strip())
+    except ChatError as why:
+        session.error(str(why))

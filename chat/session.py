@@ -1,0 +1,230 @@
+"""The chat session: one conversation with one loaded model, driven by a terminal, a pipe or --prompt."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from chat import conversation as storage
+from chat.conversation import Conversation
+from chat.errors import ChatError
+from chat.params import GenerationParams
+from chat.prompt import build_prompt, encode
+from chat.terminal import Style, is_interactive, piped_messages, read_message, setup_readline
+
+if TYPE_CHECKING:
+    from chat.backends.base import Backend
+    from chat.cli import Options
+    from chat.generation import ReplyStats
+
+
+class Session:
+    def __init__(
+        self,
+        backend: Backend,
+        options: Options,
+        conversation: Conversation,
+        params: GenerationParams,
+        out: TextIO = sys.stdout,
+        err: TextIO = sys.stderr,
+    ):
+        import torch
+
+        self.backend = backend
+        self.options = options
+        self.conversation = conversation
+        self.params = params
+        self.out, self.err = out, err
+        self.style = Style(out)
+        self.label = Path(options.model.rstrip("/")).name or options.model
+        self.last_stats: ReplyStats | None = None
+        self.running = True
+        self.generator = torch.Generator(device=backend.info.device)
+        self.reseed()
+
+    # --- output -------------------------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def notice(self, text: str) -> None:
+        """A remark about the session (not part of a reply): stderr, so piped stdout stays clean."""
+        print(self.style.note(text), file=self.err, flush=True)
+
+    def error(self, text: str) -> None:
+        print(self.style.error(f"error: {text}"), file=self.err, flush=True)
+
+    # --- state --------------------------------------------------------------------------------
+
+    def reseed(self) -> None:
+        seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.generator.manual_seed(seed)
+
+    def set_params(self, params: GenerationParams, reseed: bool = False) -> None:
+        """Use new parameters; a new (or re-given) seed restarts the random sequence."""
+        reseed = reseed or params.seed != self.params.seed
+        self.params = params
+        if reseed:
+            self.reseed()
+
+    def context_tokens(self) -> int:
+        if not self.conversation.in_context():
+            return 0
+        return len(encode(self.backend.tokenizer, self.conversation.in_context(), self.options.user))
+
+    def save(self, path: Path) -> None:
+        info = self.backend.info
+        storage.save(path, self.conversation, self.params, model=info.model, backend=info.name)
+
+    def load(self, path: Path) -> None:
+        self.conversation, params = storage.load(path, self.params)
+        self.set_params(params)
+
+    # --- replies ------------------------------------------------------------------------------
+
+    def ask(self, text: str) -> bool:
+        """Send a user message and stream the reply; False when no reply could be made."""
+        self.conversation.add("user", text)
+        return self.respond()
+
+    def respond(self) -> bool:
+        """Answer the last user message. On failure the message is taken back and the session goes on."""
+        from chat.generation import ReplyStream
+
+        try:
+            prompt = build_prompt(
+                self.backend.tokenizer,
+                self.conversation,
+                context_length=self.backend.info.context_length,
+                max_new_tokens=self.params.max_new_tokens,
+                policy=self.options.context_policy,
+                user_label=self.options.user,
+            )
+        except ChatError as why:
+            self.conversation.messages.pop()
+            self.error(str(why))
+            return False
+        if prompt.dropped:
+            self.notice(f"(dropped the {prompt.dropped} oldest exchange(s) to fit the model's context)")
+
+        stream = ReplyStream(self.backend, prompt.ids, self.params, self.generator, prompt.stop_strings)
+        interactive = self.out.isatty()
+        if interactive:
+            print(self.style.model(f"{self.label}:") + " ", end="", file=self.out, flush=True)
+        try:
+            for piece in stream:
+                if self.options.stream:
+                    print(piece, end="", file=self.out, flush=True)
+        except KeyboardInterrupt:
+            stream.finish = "interrupted"
+        except Exception as why:  # a failing model must not end the session
+            self.conversation.messages.pop()
+            print(file=self.out)
+            self.error(f"the model failed: {why}" + ("" if self.options.verbose else " (--verbose shows more)"))
+            if self.options.verbose:
+                import traceback
+
+                traceback.print_exc(file=self.err)
+            return False
+        if not self.options.stream:
+            print(stream.text, end="", file=self.out)
+        print(file=self.out, flush=True)
+
+        extra = {"interrupted": True} if stream.finish == "interrupted" else {}
+        self.conversation.add("assistant", stream.text, **extra)
+        self.last_stats = stream.stats
+        if stream.finish == "interrupted":
+            self.notice("(interrupted; the partial reply is kept)")
+        elif stream.finish == "length" and interactive:
+            self.notice(f"(stopped at {stream.stats.new_tokens} tokens; !set max_new_tokens=N allows more)")
+        if self.options.verbose:
+            print(stream.stats.line(), file=self.err, flush=True)
+        return True
+
+    def handle(self, text: str) -> None:
+        """One line (or block) of input: a command, a message, or nothing."""
+        from chat.commands import run_command
+
+        if not text.strip():
+            return
+        if text.lstrip().startswith("!"):
+            run_command(self, text.strip())
+        else:
+            self.ask(text)
+
+
+def load_session(options: Options) -> Session:
+    from chat.backends.base import LoadOptions
+    from chat.backends.select import load_backend
+
+    conversation, params = Conversation(), options.params
+    if options.load is not None:
+        conversation, params = storage.load(options.load, params)
+    if options.system is not None:
+        conversation.system = options.system
+    if sys.stderr.isatty():
+        print(f"loading {options.model} ...", file=sys.stderr, flush=True)
+    load = LoadOptions(
+        model=options.model,
+        device=options.device,
+        dtype=options.dtype,
+        offline=options.offline,
+        trust_remote_code=options.trust_remote_code,
+    )
+    backend = load_backend(load, options.backend)
+    session = Session(backend, options, conversation, params)
+    for note in backend.info.notes:
+        session.notice(note)
+    return session
+
+
+def run(options: Options) -> int:
+    if not options.verbose:
+        # Library deprecation chatter (TorchScript, transformers) is for developers, not chat users.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+    session = load_session(options)
+    try:
+        if options.prompt is not None:
+            return 0 if session.ask(options.prompt) else 1
+        if is_interactive():
+            return interactive(session)
+        for message in piped_messages(sys.stdin):
+            session.handle(message)
+            if not session.running:
+                break
+        return 0
+    finally:
+        session.backend.close()
+
+
+def interactive(session: Session) -> int:
+    save_history = setup_readline()
+    info = session.backend.info
+    session.say(
+        session.style.note(
+            f"chat · {session.label} · {info.name} on {info.device} ({info.dtype}) · "
+            f'!help for commands, """ for multi-line, Ctrl+D to quit'
+        )
+    )
+    prompt = session.style.user(f"{session.options.user}:") + " "
+    more = session.style.user("...") + " "
+    try:
+        while session.running:
+            try:
+                text = read_message(prompt, more)
+            except KeyboardInterrupt:
+                print(file=session.out)
+                session.notice("(Ctrl+D or !exit to quit)")
+                continue
+            except EOFError:
+                print(file=session.out)
+                break
+            session.handle(text)
+    finally:
+        save_history()
+    return 0

@@ -1,0 +1,103 @@
+"""Terminal details: colour, line editing with readline, and reading one (possibly multi-line) message."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+MULTILINE = '"""'
+
+
+class Style:
+    """ANSI colour when writing to a terminal and NO_COLOR is unset (https://no-color.org)."""
+
+    def __init__(self, stream: TextIO):
+        self.enabled = stream.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+    def _wrap(self, code: str, text: str, prompt: bool) -> str:
+        if not self.enabled:
+            return text
+        start, end = f"\033[{code}m", "\033[0m"
+        if prompt:  # tell readline the codes take no room, or line editing goes wrong
+            start, end = f"\001{start}\002", f"\001{end}\002"
+        return f"{start}{text}{end}"
+
+    def user(self, text: str) -> str:
+        return self._wrap("1;32", text, prompt=True)
+
+    def model(self, text: str) -> str:
+        return self._wrap("1;36", text, prompt=False)
+
+    def note(self, text: str) -> str:
+        return self._wrap("2", text, prompt=False)
+
+    def error(self, text: str) -> str:
+        return self._wrap("31", text, prompt=False)
+
+
+def history_file() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "chat" / "history"
+
+
+def setup_readline() -> Callable[[], None]:
+    """Line editing, bracketed paste (a pasted block stays one message) and a persistent input history.
+
+    Returns the function that saves the history; call it on exit.
+    """
+    try:
+        import readline
+    except ImportError:  # no readline (some minimal builds): plain input() still works
+        return lambda: None
+    readline.parse_and_bind("set enable-bracketed-paste on")
+    path = history_file()
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(path)
+        except OSError:
+            pass  # a read-only home must not spoil the exit
+
+    return save
+
+
+def read_message(prompt: str, more: str, read: Callable[[str], str] = input) -> str:
+    """One message: a line, or the lines between two lines of \"\"\"."""
+    line = read(prompt)
+    if line.strip() != MULTILINE:
+        return line
+    lines = []
+    while (line := read(more)).strip() != MULTILINE:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def piped_messages(stream: TextIO) -> Iterator[str]:
+    """Messages from a pipe: one a line, or a \"\"\" block; blank lines are skipped."""
+    lines = (line.rstrip("\n") for line in stream)
+
+    def read(_: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    while True:
+        try:
+            message = read_message("", "", read)
+        except EOFError:
+            return
+        if message.strip():
+            yield message
+
+
+def is_interactive() -> bool:
+    return sys.stdin.isatty()

@@ -1,0 +1,37 @@
+"""Test helpers: a session on a real (tiny) model, writing into strings."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from chat.backends.base import LoadOptions
+from chat.backends.transformers_backend import TransformersBackend
+from chat.cli import parse_args
+from chat.conversation import Conversation
+from chat.session import Session
+
+_BACKENDS: dict[str, TransformersBackend] = {}
+
+
+def backend_for(model: Path) -> TransformersBackend:
+    """One loaded backend per model for the whole test run (loading is the slow part)."""
+    key = str(model)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = TransformersBackend(LoadOptions(model=key, device="cpu"))
+    return _BACKENDS[key]
+
+
+def make_session(model: Path, *args: str) -> Session:
+    options = parse_args([str(model), "--seed", "0", *args])
+    conversation = Conversation(system=options.system)
+    session = Session(backend_for(model), options, conversation, options.params, out=io.StringIO(), err=io.StringIO())
+    return session
+
+
+def output(session: Session) -> tuple[str, str]:
+    """What the session wrote to stdout and stderr since the last call."""
+    out, err = session.out.getvalue(), session.err.getvalue()
+    session.out.seek(0), session.out.truncate()
+    session.err.seek(0), session.err.truncate()
+    return out, err

@@ -1,0 +1,170 @@
+"""The command line: parsing, every validation, and the one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chat.cli import main, parse_args
+from chat.errors import UsageError
+
+
+def run_chat(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "chat", *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_help_and_version_do_not_import_torch():
+    for flag in ("--help", "--version"):
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "chat", flag], capture_output=True, text=True, check=True
+        )
+        imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()}
+        assert "torch" not in imported and "transformers" not in imported
+        assert result.stdout.startswith("chat ")
+
+
+def test_help_is_quick():
+    started = time.perf_counter()
+    assert run_chat("--help").returncode == 0
+    # Generous bound: this guards against importing torch (seconds), not a speed claim.
+    assert time.perf_counter() - started < 3
+
+
+def test_model_name_forms(tiny_llama):
+    assert parse_args([str(tiny_llama)]).model == str(tiny_llama)
+    assert parse_args(["--model", str(tiny_llama)]).model == str(tiny_llama)
+    assert parse_args([f"--model_name_or_path={tiny_llama}"]).model == str(tiny_llama)
+    with pytest.raises(UsageError, match="two different models"):
+        parse_args([str(tiny_llama), "--model", "gpt2"])
+
+
+def test_options_parsed(tiny_llama, tmp_path):
+    options = parse_args(
+        [
+            str(tiny_llama),
+            "--temperature",
+            "0",
+            "--top-k",
+            "5",
+            "--top-p",
+            "0.5",
+            "--repetition-penalty",
+            "1.2",
+            "--max-new-tokens",
+            "9",
+            "--min-new-tokens",
+            "2",
+            "--seed",
+            "7",
+            "--system",
+            "Be kind",
+            "--user",
+            "Ana",
+            "--no-stream",
+            "--context-policy",
+            "error",
+            "--save-dir",
+            str(tmp_path),
+            "--backend",
+            "transformers",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--offline",
+            "--trust-remote-code",
+        ]
+    )
+    p = options.params
+    assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty) == (0.0, 5, 0.5, 1.2)
+    assert (p.max_new_tokens, p.min_new_tokens, p.seed) == (9, 2, 7)
+    assert options.system == "Be kind" and options.user == "Ana" and not options.stream
+    assert options.context_policy == "error" and options.save_dir == tmp_path
+    assert options.backend == "transformers" and options.device == "cpu" and options.dtype == "float32"
+    assert options.offline and options.trust_remote_code
+
+
+BAD = [
+    (["--temperature", "hot"], "--temperature must be a number"),
+    (["--temperature", "-1"], "--temperature must be"),
+    (["--top-p", "0"], "--top-p must be"),
+    (["--top-p", "1.5"], "--top-p must be"),
+    (["--top-k", "-3"], "--top-k must be"),
+    (["--top-k", "2.5"], "--top-k must be a whole number"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be"),
+    (["--min-new-tokens", "-1"], "--min-new-tokens must be"),
+    (["--min-new-tokens", "10", "--max-new-tokens", "5"], "min_new_tokens (10) is above max_new_tokens (5)"),
+    (["--seed", "x"], "--seed must be"),
+    (["--backend", "onnx"], "--backend must be one of auto, torchscript, transformers"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--dtype", "int8"], "--dtype must be one of"),
+    (["--context-policy", "shrug"], "--context-policy must be one of drop-oldest, error"),
+    (["--user", "a:b"], "--user must be a short label"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--load", "/no/such/file.json"], "--load: no file"),
+    (["--temprature", "1"], "unknown option --temprature; did you mean --temperature?"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD)
+def test_bad_values_exit_2_with_one_line(args, message, tiny_llama, capsys):
+    assert main([str(tiny_llama), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_two_models_positional(capsys):
+    assert main(["a", "b"]) == 2
+    assert "one MODEL at most" in capsys.readouterr().err
+
+
+def test_bad_value_subprocess_no_traceback(tiny_llama):
+    result = run_chat(str(tiny_llama), "--top-k", "many")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "chat: error: --top-k must be a whole number, not 'many'"
+
+
+def test_verbose_adds_traceback(tmp_path):
+    result = run_chat(str(tmp_path), "--verbose", "--backend", "transformers", "--prompt", "hi")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "has no config.json" in result.stderr.splitlines()[-1]
+
+
+def test_no_model_and_no_demo(monkeypatch, capsys):
+    monkeypatch.setattr("chat.cli.find_demo_model", lambda: None)
+    assert main([]) == 2
+    assert "make demo" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: None, "has no config.json"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), "has no weights"),
+    ],
+)
+def test_broken_model_dirs(tmp_path, setup, message):
+    setup(tmp_path)
+    result = run_chat(str(tmp_path), "--backend", "transformers", "--prompt", "hi")
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_directory():
+    result = run_chat("./no/such/model", "--prompt", "hi")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_offline_unknown_hub_id():
+    result = run_chat("nobody-here/no-such-model", "--offline", "--backend", "transformers", "--prompt", "hi")
+    assert result.returncode == 1
+    assert "not in the local Hugging Face cache" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,271 @@
+"""The session and its `!` commands, on a real tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import make_session, output
+
+
+@pytest.fixture
+def session(tiny_llama):
+    # Sampling, not greedy: greedy on random weights repeats one token (often a newline, shown as nothing).
+    return make_session(tiny_llama, "--max-new-tokens", "8", "--temperature", "1", "--top-k", "0")
+
+
+def test_message_gets_reply_and_history(session):
+    assert session.ask("Hello, how are you?")
+    out, _ = output(session)
+    roles = [m["role"] for m in session.conversation.messages]
+    assert roles == ["user", "assistant"]
+    assert out.strip() and out == session.conversation.messages[1]["content"] + "\n"
+    assert session.last_stats.prompt_tokens > 0 and session.last_stats.new_tokens > 0
+
+
+def test_seed_reproduces_and_regen_replaces(session):
+    session.handle("!set seed=5")
+    session.ask("Hello")
+    first = session.conversation.messages[-1]["content"]
+    assert first
+    session.handle("!regen")
+    assert len(session.conversation.messages) == 2
+    assert session.conversation.messages[-1]["content"] != first  # the random sequence went on
+    session.handle("!set seed=5")
+    session.handle("!regen")
+    assert session.conversation.messages[-1]["content"] == first
+
+
+def test_help_lists_every_command(session):
+    from chat.commands import COMMANDS
+
+    session.handle("!help")
+    out, _ = output(session)
+    for name in COMMANDS:
+        assert f"!{name}" in out
+
+
+@pytest.mark.parametrize("line", ["!exit", "!quit", "!EXIT", "!Quit"])
+def test_exit_any_case(session, line):
+    session.handle(line)
+    assert not session.running
+
+
+def test_unknown_command_suggests(session):
+    session.handle("!stauts")
+    _out, err = output(session)
+    assert "unknown command !stauts; did you mean !status?" in err and session.running
+
+
+def test_set_changes_and_checks(session):
+    session.handle("!set temperature=0.3 top_k=7 seed=3")
+    out, _ = output(session)
+    assert "temperature=0.3" in out and session.params.top_k == 7 and session.params.seed == 3
+    before = session.params
+    for bad, message in [
+        ("!set temperature=warm", "temperature must be a number"),
+        ("!set top_p=2", "top_p must be"),
+        ("!set nonsense=1", "unknown parameter 'nonsense'"),
+        ("!set temperature", "not key=value"),
+        ("!set", "usage: !set"),
+        ("!set top_k=3 temperature=x", "temperature must be"),  # all or nothing
+        ("!set min_new_tokens=50 max_new_tokens=10", "is above max_new_tokens"),
+    ]:
+        session.handle(bad)
+        _, err = output(session)
+        assert message in err, bad
+        assert session.params == before, bad
+
+
+def test_status_shows_everything(session):
+    session.ask("Hello")
+    output(session)
+    session.handle("!status")
+    out, _ = output(session)
+    for word in (
+        "model",
+        "backend",
+        "transformers",
+        "cpu",
+        "float32",
+        "temperature=1.0",
+        "context",
+        "/ 256 tokens",
+        "last reply",
+        "tok/s",
+        "first token",
+    ):
+        assert word in out
+
+
+def test_clear_keeps_system(tiny_llama):
+    session = make_session(tiny_llama, "--system", "Be brief.", "--max-new-tokens", "4")
+    session.ask("Hi")
+    session.handle("!clear")
+    assert session.conversation.messages == [] and session.conversation.system == "Be brief."
+
+
+def test_system_show_and_set(session):
+    session.handle("!system")
+    assert "no system prompt" in output(session)[0]
+    session.handle("!system You are a pirate.")
+    session.handle("!system")
+    assert "You are a pirate." in output(session)[0]
+    assert session.conversation.in_context()[0] == {"role": "system", "content": "You are a pirate."}
+
+
+def test_undo(session):
+    session.handle("!undo")
+    assert "nothing to undo" in output(session)[0]
+    session.ask("One")
+    session.ask("Two")
+    session.handle("!undo")
+    assert [m["content"] for m in session.conversation.messages if m["role"] == "user"] == ["One"]
+
+
+def test_regen_without_message(session):
+    session.handle("!regen")
+    assert "nothing to regenerate" in output(session)[0]
+
+
+def test_save_load_round_trip(session, tmp_path, tiny_llama):
+    session.handle("!system Be brief.")
+    session.ask("Hello")
+    session.handle("!set top_k=9")
+    path = tmp_path / "sub" / "s.json"
+    session.handle(f"!save {path}")
+    assert "saved 2 message(s)" in output(session)[0]
+    data = json.loads(path.read_text())
+    assert [set(m) for m in data["messages"]] == [{"role", "content"}] * 2
+    assert data["system"] == "Be brief." and data["parameters"]["top_k"] == 9
+    assert data["model"] == str(tiny_llama) and data["backend"] == "transformers"
+    assert "created" in data and "saved" in data
+    assert not list(path.parent.glob(".*.tmp"))  # the temporary file was renamed away
+
+    other = make_session(tiny_llama)
+    other.handle(f"!load {path}")
+    assert "loaded 2 message(s)" in output(other)[0]
+    assert other.conversation.messages == session.conversation.messages
+    assert other.conversation.system == "Be brief." and other.params.top_k == 9
+
+
+def test_save_default_dir(tiny_llama, tmp_path):
+    session = make_session(tiny_llama, "--save-dir", str(tmp_path / "sessions"))
+    session.handle("!save")
+    files = list((tmp_path / "sessions").glob("chat-*.json"))
+    assert len(files) == 1 and str(files[0]) in output(session)[0]
+
+
+def test_save_to_directory_or_unwritable(session, tmp_path):
+    session.handle(f"!save {tmp_path}")
+    assert "is a directory" in output(session)[1]
+    (tmp_path / "file").write_text("x")
+    session.handle(f"!save {tmp_path / 'file' / 'below.json'}")
+    assert "cannot write" in output(session)[1] and session.running
+
+
+BROKEN = {
+    "missing": (None, "no file"),
+    "not json": ("{oops", "not valid JSON"),
+    "a list": ("[1, 2]", "not a saved chat session"),
+    "no messages": ('{"hello": 1}', "not a saved chat session"),
+    "foreign format": ('{"format": "other-tool", "messages": []}', "not a chat session"),
+    "newer": ('{"format": "chat-session", "version": 99, "messages": []}', "newer chat"),
+    "bad message": ('{"messages": [{"role": "wizard", "content": "x"}]}', "message 1 is not"),
+    "bad content": ('{"messages": [{"role": "user", "content": 5}]}', "message 1 is not"),
+    "bad parameter": ('{"messages": [], "parameters": {"temperature": "hot"}}', "temperature must be"),
+    "unknown parameter": ('{"messages": [], "parameters": {"warp": 9}}', "unknown parameter"),
+    "binary": (b"\xff\xfe\x00garbage", "cannot read"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_load_broken_file_changes_nothing(session, tmp_path, case):
+    content, message = BROKEN[case]
+    path = tmp_path / "bad.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    session.ask("Keep me")
+    before = (list(session.conversation.messages), session.params, session.conversation.system)
+    session.handle(f"!load {path}")
+    _, err = output(session)
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert (session.conversation.messages, session.params, session.conversation.system) == before
+
+
+def test_load_other_tools_messages(session, tmp_path):
+    path = tmp_path / "openai.json"
+    path.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
+                    {"role": "user", "content": "U"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            }
+        )
+    )
+    session.handle(f"!load {path}")
+    assert session.conversation.system == "S"
+    assert [m["content"] for m in session.conversation.messages] == ["U", "A"]
+
+
+def test_load_needs_path(session):
+    session.handle("!load")
+    assert "usage: !load PATH" in output(session)[1]
+
+
+def test_context_drop_oldest(tiny_llama):
+    # The tiny model has 256 tokens of context; 200 are kept for the reply, leaving 56 for the prompt.
+    session = make_session(tiny_llama, "--max-new-tokens", "200", "--min-new-tokens", "0", "--temperature", "0")
+    session.params = session.params.replace(max_new_tokens=200)
+    for text in ("First message here", "Second message here", "Third message here"):
+        session.conversation.add("user", text)
+        session.conversation.add("assistant", "A reply of some words")
+    assert session.ask("Fourth")
+    _, err = output(session)
+    assert "dropped the" in err and "oldest exchange" in err
+    assert session.conversation.context_start > 0
+    assert session.conversation.messages[0]["content"] == "First message here"  # kept in the history
+
+
+def test_context_error_policy(tiny_llama):
+    session = make_session(tiny_llama, "--max-new-tokens", "200", "--context-policy", "error")
+    for text in ("First message here", "Second message here", "Third message here"):
+        session.conversation.add("user", text)
+        session.conversation.add("assistant", "A reply of some words")
+    assert not session.ask("Fourth")
+    _, err = output(session)
+    assert "!undo or !clear" in err and len(session.conversation.messages) == 6
+
+
+def test_message_longer_than_context_refused(session):
+    session.ask("Hi")
+    before = list(session.conversation.messages)
+    assert not session.ask("word " * 400)
+    _, err = output(session)
+    assert "shorten it" in err and session.conversation.messages == before
+    assert session.conversation.context_start == 0
+    assert session.ask("Still here?")
+
+
+def test_max_new_tokens_bigger_than_context(session):
+    session.handle("!set max_new_tokens=1000")
+    assert not session.ask("Hi")
+    assert "leaves no room" in output(session)[1] and session.conversation.messages == []
+
+
+def test_plain_transcript_for_model_without_template(tiny_gpt2):
+    session = make_session(tiny_gpt2, "--max-new-tokens", "6", "--user", "Ana")
+    assert not session.backend.tokenizer.has_chat_template
+    session.ask("Hello")
+    session.ask("Again")
+    from chat.prompt import render_plain
+
+    text = render_plain(session.conversation.in_context(), "Ana")
+    assert text.startswith("Ana: Hello\nAssistant: ") and text.endswith(
+        "Ana: Again\nAssistant: " + session.conversation.messages[-1]["content"] + "\nAssistant:"
+    )
