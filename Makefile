@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo-model: $(DEMO_STAMP)
 
-$(DEMO_STAMP): $(VENV)/.installed scripts/fetch_demo_model.py
+$(DEMO_STAMP): $(VENV)/.installed
 	$(BIN)/python scripts/fetch_demo_model.py --dest=$(DEMO)
 
 # With a terminal, open the chat; without one (CI, a pipe), answer one question instead of waiting.

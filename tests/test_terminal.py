@@ -1,0 +1,159 @@
+"""End to end: the real `chat` in a pseudo-terminal (pexpect) and behind a pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+PROMPT = "User: "
+
+
+def spawn(model, *args: str, tmp_path, color: bool = False) -> pexpect.spawn:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm"}
+    if not color:
+        env["NO_COLOR"] = "1"
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "chat", str(model), *args],
+        env=env,
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 200),
+    )
+    child.expect(r"User:(\x1b\[0m)? ")  # coloured or not
+    return child
+
+
+def saved(child: pexpect.spawn, path) -> dict:
+    child.sendline(f"!save {path}")
+    child.expect_exact("saved")
+    child.expect_exact(PROMPT)
+    return json.loads(path.read_text())
+
+
+def quit_with_eof(child: pexpect.spawn) -> None:
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_set_save_load_and_eof(tiny_llama, tmp_path):
+    child = spawn(tiny_llama, "--max-new-tokens", "5", "--temperature", "1", "--seed", "1", tmp_path=tmp_path)
+    child.sendline("Hello there")
+    child.expect_exact("tiny-llama0: ")
+    child.expect_exact(PROMPT)
+    child.sendline("!set temperature=0.2 top_k=3")
+    child.expect_exact("temperature=0.2 top_k=3")
+    child.expect_exact(PROMPT)
+    child.sendline("!set temperature=boiling")
+    child.expect_exact("temperature must be a number")
+    child.expect_exact(PROMPT)
+    data = saved(child, tmp_path / "s.json")
+    assert data["parameters"]["temperature"] == 0.2 and data["messages"][0]["content"] == "Hello there"
+    child.sendline("!clear")
+    child.expect_exact("history cleared")
+    child.sendline(f"!load {tmp_path / 's.json'}")
+    child.expect_exact("loaded 2 message(s)")
+    child.expect_exact(PROMPT)
+    child.sendline("!status")
+    child.expect_exact("temperature=0.2")
+    child.expect_exact(PROMPT)
+    quit_with_eof(child)
+    assert (tmp_path / "state" / "chat" / "history").read_text().count("Hello there") == 1
+
+
+def test_multiline_block_and_bracketed_paste(tiny_llama, tmp_path):
+    child = spawn(tiny_llama, "--max-new-tokens", "3", tmp_path=tmp_path)
+    child.sendline('"""')
+    child.expect_exact("... ")
+    child.sendline("line one")
+    child.sendline("line two")
+    child.sendline('"""')
+    child.expect_exact(PROMPT)
+    # A paste with line breaks, as a terminal sends it with bracketed paste on: one message.
+    child.send("\x1b[200~pasted one\npasted two\x1b[201~")
+    child.sendline("")
+    child.expect_exact(PROMPT)
+    data = saved(child, tmp_path / "m.json")
+    users = [m["content"] for m in data["messages"] if m["role"] == "user"]
+    assert users == ["line one\nline two", "pasted one\npasted two"]
+    child.sendline("!exit")
+    child.expect(pexpect.EOF)
+
+
+def test_ctrl_c_at_prompt_explains_and_colour_on_terminal(tiny_llama, tmp_path):
+    child = spawn(tiny_llama, tmp_path=tmp_path, color=True)
+    child.sendintr()
+    child.expect_exact("(Ctrl+D or !exit to quit)")
+    child.sendline("!nope")
+    child.expect_exact("\x1b[31merror: unknown command !nope")
+    quit_with_eof(child)
+
+
+@pytest.mark.demo
+def test_streaming_and_ctrl_c_mid_reply(demo_model, tmp_path):
+    child = spawn(
+        demo_model, "--temperature", "0", "--max-new-tokens", "400", "--min-new-tokens", "400", tmp_path=tmp_path
+    )
+    child.sendline("Write a long story about a lighthouse keeper.")
+    child.expect_exact("smollm2-135m-instruct: ")
+    # Streaming: words arrive while the reply is still being written (400 tokens take many seconds).
+    child.expect(r"\w+ \w+ \w+")
+    child.sendintr()
+    child.expect_exact("(interrupted; the partial reply is kept)", timeout=5)
+    child.expect_exact(PROMPT)
+    data = saved(child, tmp_path / "i.json")
+    reply = data["messages"][-1]
+    assert reply["role"] == "assistant" and reply.get("interrupted") is True and reply["content"]
+    child.sendline("!status")
+    child.expect_exact("last reply")
+    child.expect_exact(PROMPT)
+    quit_with_eof(child)
+
+
+def test_piped_stdin_replies_only(tiny_llama, tmp_path):
+    lines = "Hello\n\n!set max_new_tokens=2\n!bogus\nSecond\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "chat", str(tiny_llama), "--temperature", "1", "--seed", "3", "--max-new-tokens", "4"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0
+    out = result.stdout.splitlines()
+    assert "User:" not in result.stdout and out[1] == "max_new_tokens=2" and len(out) == 3
+    assert "unknown command !bogus" in result.stderr
+
+
+def test_one_shot_prompt(tiny_llama):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chat",
+            str(tiny_llama),
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "4",
+            "--verbose",
+            "--seed",
+            "2",
+            "--temperature",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0 and result.stdout.endswith("\n") and result.stdout.count("\n") >= 1
+    assert " tok/s" in result.stderr and "first token" in result.stderr
