@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -157,6 +159,30 @@ def test_broken_model_dirs(tmp_path, setup, message):
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "config.json").write_text('{"model_type": "frobnicator"}'), "no causal LM for model type"),
+        (lambda d: (d / "config.json").write_text("{}"), "names no model_type"),
+        (lambda d: os.truncate(d / "model.safetensors", 5000), "they may be truncated"),
+        (lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "tokenizer"),
+        (
+            lambda d: (d / "config.json").write_text(
+                '{"model_type": "custom-thing", "auto_map": {"AutoModelForCausalLM": "m.Model"}}'
+            ),
+            "--trust-remote-code",
+        ),
+    ],
+)
+def test_damaged_models(tiny_llama, tmp_path, damage, message):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    damage(model)
+    result = run_chat(str(model), "--backend", "transformers", "--prompt", "hi")
+    assert result.returncode == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_missing_directory():

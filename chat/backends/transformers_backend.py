@@ -68,9 +68,15 @@ def locate_model(options: LoadOptions) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    # Only what loading needs: safetensors weights, or the older *.bin where a model has no safetensors.
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
     try:
-        return Path(snapshot_download(options.model, allow_patterns=patterns, local_files_only=options.offline))
+        path = Path(snapshot_download(options.model, allow_patterns=patterns, local_files_only=options.offline))
+        if not any(path.glob("*.safetensors")):
+            path = Path(
+                snapshot_download(options.model, allow_patterns=[*patterns, "*.bin"], local_files_only=options.offline)
+            )
+        return path
     except RepositoryNotFoundError:
         raise ChatError(
             f"no model '{options.model}' on the Hugging Face Hub (or it is private: run `hf auth login`)"
@@ -93,15 +99,25 @@ def check_model_dir(path: Path, trust_remote_code: bool) -> dict:
         raise ChatError(f"{path} has no config.json; is this a Hugging Face model directory?")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        assert isinstance(config, dict)
-    except (ValueError, AssertionError):
-        raise ChatError(f"{config_path} is not valid JSON; re-download or re-create the model") from None
-    if "auto_map" in config and "AutoModelForCausalLM" in config["auto_map"] and not trust_remote_code:
-        import transformers
+    except ValueError:
+        config = None
+    if not isinstance(config, dict):
+        raise ChatError(f"{config_path} is not valid JSON; re-download or re-create the model")
+    if "model_type" not in config:
+        raise ChatError(f"{config_path} names no model_type; is this a Hugging Face causal LM?")
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        known = config.get("model_type") in transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-        if not known:
-            raise ChatError(f"{path} needs its own Python code to run; if you trust it, add --trust-remote-code")
+    model_type = config.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if "AutoModelForCausalLM" in (config.get("auto_map") or {}):
+            if not trust_remote_code:
+                raise ChatError(f"{path} needs its own Python code to run; if you trust it, add --trust-remote-code")
+        else:
+            raise ChatError(
+                f"transformers {transformers.__version__} has no causal LM for model type '{model_type}'; "
+                "upgrade transformers (pip install -U transformers) or pick another model"
+            )
     weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
     if not weights:
         raise ChatError(f"{path} has no weights (*.safetensors or *.bin); download the model again")
