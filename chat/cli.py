@@ -9,6 +9,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chat import __version__
 from chat.errors import ChatError, UsageError
@@ -33,12 +34,12 @@ Options:
   --backend=NAME               auto, torchscript or transformers [default: auto].
   --device=DEVICE              auto, cpu, cuda or cuda:N [default: auto].
   --dtype=DTYPE                auto, float32, bfloat16 or float16 [default: auto].
-  --max-new-tokens=N           Most tokens in one reply [default: {DEFAULTS.max_new_tokens}].
-  --min-new-tokens=N           Fewest tokens before a reply may end [default: {DEFAULTS.min_new_tokens}].
-  --temperature=T              Randomness; 0 is greedy [default: {DEFAULTS.temperature}].
-  --top-k=K                    Sample from the K likeliest tokens; 0 is all [default: {DEFAULTS.top_k}].
-  --top-p=P                    Nucleus sampling mass; 1 is off [default: {DEFAULTS.top_p}].
-  --repetition-penalty=R       Penalise repeats; 1 is off [default: {DEFAULTS.repetition_penalty}].
+  --max-new-tokens=N           Most tokens in one reply (default {DEFAULTS.max_new_tokens}).
+  --min-new-tokens=N           Fewest tokens before a reply may end (default {DEFAULTS.min_new_tokens}).
+  --temperature=T              Randomness; 0 is greedy (default {DEFAULTS.temperature}*).
+  --top-k=K                    Sample from the K likeliest tokens; 0 is all (default {DEFAULTS.top_k}*).
+  --top-p=P                    Nucleus sampling mass; 1 is off (default {DEFAULTS.top_p}*).
+  --repetition-penalty=R       Penalise repeats; 1 is off (default {DEFAULTS.repetition_penalty}*).
   --seed=S                     Random seed, for replies you can reproduce.
   --system=TEXT                The system prompt.
   --user=NAME                  Your label at the prompt [default: User].
@@ -52,6 +53,8 @@ Options:
   --verbose                    Print speed after each reply, and tracebacks with errors.
   -h --help                    Show this help.
   --version                    Show the version.
+
+* unless the model's generation_config.json recommends other sampling values.
 
 In the chat, type !help for commands, \"\"\" to start and end a multi-line message, Ctrl+C to stop a reply
 and Ctrl+D (or !exit) to leave.
@@ -80,7 +83,7 @@ class Options:
     backend: str
     device: str
     dtype: str
-    params: GenerationParams
+    param_changes: dict[str, Any]  # generation parameters given on the command line
     system: str | None
     user: str
     prompt: str | None
@@ -128,8 +131,7 @@ def parse_args(argv: list[str]) -> Options:
             except UsageError as why:
                 raise UsageError(str(why).replace(name, option, 1)) from None
     try:
-        params = GenerationParams(**values)
-        params.check()
+        GenerationParams(**values).check()
     except UsageError as why:
         raise UsageError(f"--min-new-tokens/--max-new-tokens: {why}") from None
 
@@ -163,7 +165,7 @@ def parse_args(argv: list[str]) -> Options:
         backend=args["--backend"],
         device=device,
         dtype=args["--dtype"],
-        params=params,
+        param_changes=values,
         system=args["--system"],
         user=user,
         prompt=args["--prompt"],

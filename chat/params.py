@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from chat.errors import UsageError
@@ -108,3 +111,22 @@ def parse_assignments(words: list[str]) -> dict[str, Any]:
             raise UsageError(f"'{word}' is not key=value; for example: !set temperature=0.5")
         changes[normalise_key(key)] = parse_value(key, text)
     return changes
+
+
+def model_recommendations(directory: str | Path) -> dict[str, Any]:
+    """Sampling values a model's generation_config.json recommends (when it samples at all).
+
+    Values that do not pass our checks are ignored: they are advice, not the user's input.
+    """
+    try:
+        config = json.loads((Path(directory) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or config.get("do_sample") is not True:
+        return {}
+    values = {}
+    for key in ("temperature", "top_k", "top_p", "repetition_penalty"):
+        if isinstance(config.get(key), (int, float)) and not isinstance(config.get(key), bool):
+            with contextlib.suppress(UsageError):
+                values[key] = parse_value(key, str(config[key]))
+    return values

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -11,9 +12,9 @@ from typing import TYPE_CHECKING, TextIO
 from chat import conversation as storage
 from chat.conversation import Conversation
 from chat.errors import ChatError
-from chat.params import GenerationParams
+from chat.params import GenerationParams, model_recommendations
 from chat.prompt import build_prompt, encode
-from chat.terminal import Style, is_interactive, piped_messages, read_message, setup_readline
+from chat.terminal import Style, is_interactive, piped_messages, quiet_typing, read_message, setup_readline
 
 if TYPE_CHECKING:
     from chat.backends.base import Backend
@@ -115,9 +116,10 @@ class Session:
         if interactive:
             print(self.style.model(f"{self.label}:") + " ", end="", file=self.out, flush=True)
         try:
-            for piece in stream:
-                if self.options.stream:
-                    print(piece, end="", file=self.out, flush=True)
+            with quiet_typing(sys.stdin) if interactive else contextlib.nullcontext():
+                for piece in stream:
+                    if self.options.stream:
+                        print(piece, end="", file=self.out, flush=True)
         except KeyboardInterrupt:
             stream.finish = "interrupted"
         except Exception as why:  # a failing model must not end the session
@@ -160,11 +162,7 @@ def load_session(options: Options) -> Session:
     from chat.backends.base import LoadOptions
     from chat.backends.select import load_backend
 
-    conversation, params = Conversation(), options.params
-    if options.load is not None:
-        conversation, params = storage.load(options.load, params)
-    if options.system is not None:
-        conversation.system = options.system
+    conversation = Conversation(system=options.system)
     if sys.stderr.isatty():
         print(f"loading {options.model} ...", file=sys.stderr, flush=True)
     load = LoadOptions(
@@ -175,6 +173,12 @@ def load_session(options: Options) -> Session:
         trust_remote_code=options.trust_remote_code,
     )
     backend = load_backend(load, options.backend)
+    # Ours, then what the model recommends, then what the user typed.
+    params = GenerationParams(**model_recommendations(backend.info.path)).replace(**options.param_changes)
+    if options.load is not None:  # a resumed session brings its own parameters and history
+        conversation, params = storage.load(options.load, params)
+        if options.system is not None:
+            conversation.system = options.system
     session = Session(backend, options, conversation, params)
     for note in backend.info.notes:
         session.notice(note)

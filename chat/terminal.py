@@ -99,5 +99,25 @@ def piped_messages(stream: TextIO) -> Iterator[str]:
             yield message
 
 
+@contextlib.contextmanager
+def quiet_typing(stream: TextIO) -> Iterator[None]:
+    """While a reply streams, keys typed ahead are not echoed into it; readline shows them at the next prompt."""
+    try:
+        import termios
+
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):  # not a terminal, or no termios (Windows)
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def is_interactive() -> bool:
     return sys.stdin.isatty()

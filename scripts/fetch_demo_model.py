@@ -157,7 +157,10 @@ def convert(gguf: Path, out: Path) -> tuple[list[int], torch.Tensor]:
     model.load_state_dict(source.state_dict())
     if model.lm_head.weight is not model.model.embed_tokens.weight:
         raise FetchError("lm_head is no longer tied to embed_tokens after the copy")
-    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    # Sampling as the SmolLM2 model card recommends; chat uses these unless the user sets others.
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=True, temperature=0.2, top_p=0.9
+    )
     model.save_pretrained(out)
 
     # The GGUF tokenizer claims an unbounded length; the model's context is the real limit.

@@ -9,6 +9,7 @@ from chat.backends.base import LoadOptions
 from chat.backends.transformers_backend import TransformersBackend
 from chat.cli import parse_args
 from chat.conversation import Conversation
+from chat.params import GenerationParams
 from chat.session import Session
 
 _BACKENDS: dict[str, TransformersBackend] = {}
@@ -25,7 +26,8 @@ def backend_for(model: Path) -> TransformersBackend:
 def make_session(model: Path, *args: str) -> Session:
     options = parse_args([str(model), "--seed", "0", *args])
     conversation = Conversation(system=options.system)
-    session = Session(backend_for(model), options, conversation, options.params, out=io.StringIO(), err=io.StringIO())
+    params = GenerationParams().replace(**options.param_changes)
+    session = Session(backend_for(model), options, conversation, params, out=io.StringIO(), err=io.StringIO())
     return session
 
 

@@ -269,3 +269,20 @@ def test_plain_transcript_for_model_without_template(tiny_gpt2):
     assert text.startswith("Ana: Hello\nAssistant: ") and text.endswith(
         "Ana: Again\nAssistant: " + session.conversation.messages[-1]["content"] + "\nAssistant:"
     )
+
+
+def test_model_recommendations_then_user_choices(tiny_llama, tmp_path):
+    import shutil
+
+    from chat.cli import parse_args
+    from chat.session import load_session
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    (model / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": 2, "do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": "bad"})
+    )
+    session = load_session(parse_args([str(model), "--top-p", "0.5"]))
+    assert (session.params.temperature, session.params.top_p, session.params.top_k) == (0.2, 0.5, 50)
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.1}))
+    assert load_session(parse_args([str(model)])).params.temperature == 0.7  # not sampling: no advice taken
