@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch first and pinned: 2.13.0 is a CPU build; an open range would pull a multi-GB CUDA build.
-TORCH := torch==2.13.0
+# torch goes in first, pinned (requirements/torch.txt): 2.13.0 is a CPU build on our machines; an open
+# range would pull a multi-GB CUDA build.
 DEMO := models/smollm2-135m-instruct
 DEMO_STAMP := $(DEMO)/.complete
 
@@ -17,11 +17,13 @@ help:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The pins in requirements/ are the ones the Docker images install: tests run what ships.
+$(VENV)/.installed: pyproject.toml requirements/torch.txt requirements/runtime.txt requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,demo]"
+	$(BIN)/python -m pip install -q -r requirements/torch.txt
+	$(BIN)/python -m pip install -q -r requirements/dev.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 demo-model: $(DEMO_STAMP)
@@ -39,12 +41,13 @@ test: demo-model
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check chat scripts tests
-	$(BIN)/ruff format --check chat scripts tests
+	$(BIN)/ruff check chat scripts tests packaging
+	$(BIN)/ruff format --check chat scripts tests packaging
+	$(BIN)/hadolint --failure-threshold warning Dockerfile Dockerfile.cuda
 
 format: venv
-	$(BIN)/ruff format chat scripts tests
-	$(BIN)/ruff check --fix chat scripts tests
+	$(BIN)/ruff format chat scripts tests packaging
+	$(BIN)/ruff check --fix chat scripts tests packaging
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

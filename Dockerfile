@@ -1,0 +1,66 @@
+# syntax=docker/dockerfile:1
+# chat on the CPU. Build and run (see docs/packaging.md):
+#   docker build -t chat .
+#   docker run -it --rm -v chat-data:/data chat --model gpt2
+#   docker run -it --rm -v "$PWD/models:/models:ro" chat --model /models/smollm2-135m-instruct
+#
+# Pins: requirements/torch.txt (torch, taken from PyTorch's CPU-only wheel index, not PyPI's CUDA build)
+# and requirements/runtime.txt (everything else), the files CI installs from.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: a virtual environment in /opt/chat with the pinned dependencies and the package ----
+FROM ${PYTHON_IMAGE} AS build
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+RUN python -m venv /opt/chat
+
+# Dependencies first, in a layer of their own, so that editing chat/ does not reinstall torch.
+# torch comes without its dependencies: runtime.txt pins them, and `pip check` below proves the set.
+COPY requirements/torch.txt requirements/runtime.txt requirements/
+RUN /opt/chat/bin/pip install --no-deps --index-url "${TORCH_INDEX_URL}" -r requirements/torch.txt \
+    && /opt/chat/bin/pip install -r requirements/runtime.txt
+
+# The package itself, without dev extras; its dependencies are all pinned above.
+COPY pyproject.toml README.md ./
+COPY chat/ chat/
+RUN /opt/chat/bin/pip install --no-deps /src \
+    && /opt/chat/bin/pip check \
+    && /opt/chat/bin/python -c "import torch; assert not torch.version.cuda, 'CPU torch expected'"
+
+# ---- runtime: the slim base, the virtual environment, a non-root user ----
+FROM ${PYTHON_IMAGE}
+
+LABEL org.opencontainers.image.title="chat" \
+      org.opencontainers.image.description="A terminal chat for Hugging Face causal language models (CPU)" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# A numeric user, so that `USER` works with runAsNonRoot checks and bind mounts can be matched with
+# `docker run --user`. /data holds downloaded models (HF_HOME); /models is where model directories
+# and TorchScript artifacts are mounted, read-only.
+ARG UID=10001
+ARG GID=10001
+RUN groupadd --gid "${GID}" chat \
+    && useradd --uid "${UID}" --gid "${GID}" --create-home --home-dir /home/chat --shell /usr/sbin/nologin chat \
+    && mkdir -p /data /models \
+    && chown "${UID}:${GID}" /data
+
+COPY --from=build /opt/chat /opt/chat
+# The exporter, for `docker run --entrypoint python ... /opt/chat/scripts/export_torchscript.py` (docs/packaging.md).
+COPY scripts/export_torchscript.py /opt/chat/scripts/export_torchscript.py
+
+ENV PATH=/opt/chat/bin:${PATH} \
+    HF_HOME=/data \
+    CHAT_DEMO_MODEL=/models/smollm2-135m-instruct \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+VOLUME ["/data"]
+WORKDIR /home/chat
+USER ${UID}:${GID}
+
+ENTRYPOINT ["chat"]
