@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# chat on the CPU. Build and run (see docs/packaging.md):
+# chat on the CPU. Build and run (see README, "Docker images"):
 #   docker build -t chat .
 #   docker run -it --rm -v chat-data:/data chat --model gpt2
 #   docker run -it --rm -v "$PWD/models:/models:ro" chat --model /models/smollm2-135m-instruct
@@ -50,7 +50,7 @@ RUN groupadd --gid "${GID}" chat \
     && chown "${UID}:${GID}" /data
 
 COPY --from=build /opt/chat /opt/chat
-# The exporter, for `docker run --entrypoint python ... /opt/chat/scripts/export_torchscript.py` (docs/packaging.md).
+# The exporter, for `docker run --entrypoint python ... /opt/chat/scripts/export_torchscript.py` (README, "Docker images").
 COPY scripts/export_torchscript.py /opt/chat/scripts/export_torchscript.py
 
 ENV PATH=/opt/chat/bin:${PATH} \

@@ -6,14 +6,17 @@ BIN := $(VENV)/bin
 # range would pull a multi-GB CUDA build.
 DEMO := models/smollm2-135m-instruct
 DEMO_STAMP := $(DEMO)/.complete
+# The demo model exported for this CPU: bfloat16 is the fastest here (see README, "Benchmark").
+DEMO_ARTIFACT := $(DEMO)/torchscript/cpu-bfloat16
 
-.PHONY: help venv demo demo-model test lint format bench clean
+.PHONY: help venv demo demo-model demo-artifact test lint format bench bundle bundle-test clean
 
 help:
 	@echo "make demo    install into .venv, fetch the demo model and chat with it"
 	@echo "make test    install what the tests need and run them"
 	@echo "make lint    ruff and hadolint"
 	@echo "make bench   TorchScript vs transformers on the demo model"
+	@echo "make bundle  standalone executables in dist/ (make bundle-test: CI's smoke test)"
 
 venv: $(VENV)/.installed
 
@@ -31,13 +34,18 @@ demo-model: $(DEMO_STAMP)
 $(DEMO_STAMP): $(VENV)/.installed
 	$(BIN)/python scripts/fetch_demo_model.py --dest=$(DEMO)
 
+demo-artifact: $(DEMO_ARTIFACT)/chat-artifact.json
+
+$(DEMO_ARTIFACT)/chat-artifact.json: $(DEMO_STAMP)
+	$(BIN)/python scripts/export_torchscript.py $(DEMO) $(DEMO_ARTIFACT) --dtype=bfloat16
+
 # With a terminal, open the chat; without one (CI, a pipe), answer one question instead of waiting.
-demo: demo-model
+demo: demo-model demo-artifact
 	@if [ -t 0 ]; then $(BIN)/chat $(DEMO); \
 	else $(BIN)/chat $(DEMO) --temperature 0 --prompt "What is the capital of France?"; \
 	echo "(no terminal: run .venv/bin/chat to chat)"; fi
 
-test: demo-model
+test: demo-model demo-artifact
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: venv
@@ -48,6 +56,15 @@ lint: venv
 format: venv
 	$(BIN)/ruff format chat scripts tests packaging
 	$(BIN)/ruff check --fix chat scripts tests packaging
+
+bench: demo-model
+	$(BIN)/python scripts/bench.py --model=$(DEMO)
+
+bundle: demo-artifact
+	$(BIN)/python packaging/build_bundle.py --model=$(DEMO_ARTIFACT)
+
+bundle-test: demo-artifact
+	$(BIN)/python packaging/bundle_smoke.py --model=$(DEMO_ARTIFACT)
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

@@ -82,9 +82,15 @@ def test_options_parsed(tiny_llama, tmp_path):
             "--trust-remote-code",
         ]
     )
-    p = options.params
-    assert (p.temperature, p.top_k, p.top_p, p.repetition_penalty) == (0.0, 5, 0.5, 1.2)
-    assert (p.max_new_tokens, p.min_new_tokens, p.seed) == (9, 2, 7)
+    assert options.param_changes == {
+        "temperature": 0.0,
+        "top_k": 5,
+        "top_p": 0.5,
+        "repetition_penalty": 1.2,
+        "max_new_tokens": 9,
+        "min_new_tokens": 2,
+        "seed": 7,
+    }
     assert options.system == "Be kind" and options.user == "Ana" and not options.stream
     assert options.context_policy == "error" and options.save_dir == tmp_path
     assert options.backend == "transformers" and options.device == "cpu" and options.dtype == "float32"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from chat.backends.base import BackendInfo, LoadOptions, Message
+from chat.backends.base import BackendInfo, LoadOptions, Message, common_prefix
 from chat.errors import ChatError, UsageError
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds memory and keeps Ctrl+C responsive
@@ -176,7 +176,7 @@ class TransformersBackend:
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int]) -> torch.Tensor:
         ids = list(ids)
-        keep = _common_prefix(self._cached, ids)
+        keep = common_prefix(self._cached, ids)
         if keep == len(ids):  # the whole prompt is cached: recompute the last token for its logits
             keep -= 1
         if keep < len(self._cached) and self._cache is not None:
@@ -213,14 +213,6 @@ class TransformersBackend:
     def close(self) -> None:
         self._cache = None
         del self.model
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _ids(value) -> list[int]:

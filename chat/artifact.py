@@ -1,0 +1,156 @@
+"""The TorchScript artifact directory and its manifest, chat-artifact.json: reading, writing, checking.
+
+Only the standard library here, so reading a manifest stays small and fast.
+Every fault is an ArtifactError whose message is one line that names the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from chat.errors import ChatError
+
+MANIFEST = "chat-artifact.json"
+FORMAT = "chat-torchscript-artifact"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.ts"
+# Where a model directory keeps its exports: <model_dir>/torchscript/<device>-<dtype>/.
+ARTIFACTS_SUBDIR = "torchscript"
+_HASH_BLOCK = 4 << 20
+# The fields of chat.export.model.Shape (not imported: this module stays free of torch).
+SHAPE_FIELDS = {
+    "family",
+    "vocab_size",
+    "hidden_size",
+    "layers",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "norm",
+    "norm_eps",
+    "activation",
+    "rotary_dim",
+}
+
+
+class ArtifactError(ChatError):
+    """The artifact cannot be used as it is (missing, changed, foreign, or for another device)."""
+
+
+def is_artifact(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def artifact_dir_for(model_dir: Path, device_type: str, dtype: str) -> Path:
+    return model_dir / ARTIFACTS_SUBDIR / f"{device_type}-{dtype}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buffer = bytearray(_HASH_BLOCK)
+        view = memoryview(buffer)
+        while n := f.readinto(buffer):
+            digest.update(view[:n])  # hashlib drops the GIL on big blocks, so this overlaps torch.jit.load
+    return digest.hexdigest()
+
+
+def describe_files(directory: Path) -> dict[str, dict[str, Any]]:
+    """{name: {size, sha256}} for every file in the directory but the manifest."""
+    return {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": describe_files(directory)}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    fix = f"re-export it: scripts/export_torchscript.py SOURCE_MODEL {directory}"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"{directory} has no {MANIFEST}, so it is not a TorchScript artifact; {fix}") from None
+    except (OSError, ValueError) as why:
+        raise ArtifactError(f"{path} is broken ({why}); {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a chat TorchScript manifest; {fix}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{directory} has artifact format {version}, this chat reads format {FORMAT_VERSION}; {fix}"
+        )
+    required = ("architecture", "dtype", "device", "max_len", "shape", "files", "eos_token_ids", "torch_version")
+    missing = [key for key in required if key not in manifest]
+    if missing or not isinstance(manifest["files"], dict) or MODEL_FILE not in manifest["files"]:
+        raise ArtifactError(f"{path} lacks {', '.join(missing) or 'the model file entry'}; {fix}")
+    valid = (
+        manifest["dtype"] in ("float32", "bfloat16", "float16")
+        and manifest["device"] in ("cpu", "cuda")
+        and isinstance(manifest["max_len"], int)
+        and manifest["max_len"] > 0
+        and isinstance(manifest["shape"], dict)
+        and set(manifest["shape"]) == SHAPE_FIELDS
+    )
+    if not valid:
+        raise ArtifactError(f"{path} has invalid values (dtype, device, max_len or shape); {fix}")
+    return manifest
+
+
+def check_sizes(directory: Path, manifest: dict[str, Any]) -> None:
+    """Cheap checks first: every listed file is there with its recorded size."""
+    fix = "re-export the artifact"
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; {fix}")
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            raise ArtifactError(f"{path} has {size} bytes, the manifest says {entry.get('size')} (truncated?); {fix}")
+
+
+class HashCheck:
+    """Hashes the artifact's files in a thread, so that it costs little beside torch.jit.load reading them."""
+
+    def __init__(self, directory: Path, manifest: dict[str, Any]):
+        self._directory, self._manifest = directory, manifest
+        self._error: ArtifactError | None = None
+        self._thread = threading.Thread(target=self._run, name="artifact-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for name, entry in self._manifest["files"].items():
+            path = self._directory / name
+            try:
+                digest = sha256_file(path)
+            except OSError as why:
+                self._error = ArtifactError(f"{path} could not be read ({why}); re-export the artifact")
+                return
+            if digest != entry.get("sha256"):
+                self._error = ArtifactError(f"{path} was changed since export (sha256 differs); re-export the artifact")
+                return
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def device_problem(manifest: dict[str, Any], cuda_available: bool) -> str | None:
+    if manifest["device"] == "cuda" and not cuda_available:
+        return "it was exported for CUDA and CUDA is not available here; export one with --device=cpu"
+    return None
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

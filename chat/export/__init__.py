@@ -1,0 +1,270 @@
+"""Export a Hugging Face causal LM to a TorchScript artifact directory (see chat.artifact for the layout).
+
+transformers is used here, at export time only: to read the weights, the RoPE table and (for --verify)
+the reference tokens. The artifact is loaded later with torch and tokenizers alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from chat.artifact import MODEL_FILE, is_artifact, write_manifest
+from chat.errors import ChatError, UsageError
+from chat.export.model import LeanLM, allocate_cache, quiet_torchscript, transposed_weights
+
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "config.json",
+)
+VERIFY_PROMPTS = (
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in one sentence what a cache is.",
+)
+VERIFY_TOKENS = 32
+
+Progress = Callable[[str], None]
+
+
+def stderr_progress() -> Progress:
+    started = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def export(
+    model: str,
+    outdir: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    max_len: int | None = None,
+    verify: bool = False,
+    progress: Progress = lambda message: None,
+) -> Path:
+    """Write the artifact of `model` (a directory or Hub id) to `outdir`, atomically; return outdir."""
+    from chat.backends.base import LoadOptions
+    from chat.backends.transformers_backend import check_model_dir, locate_model, resolve_device
+    from chat.export.families import context_limit, convert, family_of
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype={dtype}: use float32, bfloat16 or float16")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device={device}: use cpu or cuda")
+    torch_device = resolve_device(device)
+    torch_dtype = getattr(torch, dtype)
+    outdir = Path(outdir).expanduser().resolve()
+    if outdir.exists() and not (is_artifact(outdir) or (outdir.is_dir() and not any(outdir.iterdir()))):
+        raise UsageError(f"{outdir} exists and is not an artifact directory; name a new or empty directory")
+
+    source = locate_model(LoadOptions(model=model))
+    config = check_model_dir(source, trust_remote_code=False)
+    family_of(str(config.get("model_type")))
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    progress(f"loading {source} with transformers")
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=True).eval()
+    except Exception as why:  # transformers raises many kinds; the user needs one line
+        first = (str(why).strip().splitlines() or [type(why).__name__])[0][:200]
+        raise ChatError(f"transformers could not load {source} ({first}); check or download the model again") from None
+    max_len = context_limit(hf.config, max_len)
+    shape, top, layers, rope = convert(hf, max_len)
+
+    progress(f"building the {shape.family} module: {shape.layers} layers, {dtype}, {device}, max_len {max_len}")
+
+    converted: dict[int, torch.Tensor] = {}  # by source tensor, so tied weights stay one tensor in the file
+
+    def cast(weights: dict) -> dict:
+        for v in weights.values():
+            if v is not None and id(v) not in converted:
+                converted[id(v)] = v.to(device=torch_device, dtype=torch_dtype)
+        return {k: None if v is None else converted[id(v)] for k, v in weights.items()}
+
+    table = None if rope is None else (rope[0].to(torch_device, torch_dtype), rope[1].to(torch_device, torch_dtype))
+    lean = LeanLM(
+        shape,
+        cast(top),
+        [cast(w) for w in layers],
+        table,
+        for_cuda=torch_device.type == "cuda",
+        transposed=transposed_weights(shape, torch_dtype, torch_device),
+    ).eval()
+    del top, layers
+
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    work.chmod(0o755)  # mkdtemp makes it private; an artifact is as readable as its model
+    try:
+        progress("tracing prefill and decode")
+        traced = trace(lean, max_len, torch_device)
+        del lean
+        progress(f"saving {MODEL_FILE}")
+        allocate_cache(traced, shape, 0, torch_dtype, torch_device)  # the file holds weights, not an empty cache
+        with quiet_torchscript():
+            torch.jit.save(traced, str(work / MODEL_FILE))
+        del traced
+        _copy_tokenizer(source, work)
+        from chat.tokenizer import FastTokenizer
+
+        progress("hashing files and writing the manifest")
+        write_manifest(
+            work,
+            {
+                "architecture": shape.family,
+                "model_type": config.get("model_type"),
+                "source": {"model": model, "path": str(source.resolve()), **_source_version(source)},
+                "dtype": dtype,
+                "device": torch_device.type,
+                "max_len": max_len,
+                "vocab_size": shape.vocab_size,
+                "eos_token_ids": sorted(FastTokenizer(work).eos_token_ids),
+                "shape": dataclasses.asdict(shape),
+                "torch_version": torch.__version__,
+                "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+        if verify:
+            verify_artifact(work, hf.to(torch_device, torch_dtype), progress)
+        _replace(work, outdir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    progress(f"wrote {outdir}")
+    return outdir
+
+
+def trace(lean: LeanLM, max_len: int, device: torch.device) -> torch.jit.ScriptModule:
+    """Trace prefill and decode into one module that shares the cache buffers."""
+    lean.allocate(max_len)
+    positions = torch.arange(max_len, device=device)
+    ids = torch.arange(3, 10, device=device) % lean.shape.vocab_size
+    # Odd sizes, so no traced shape can collide with a constant; CUDA decode traces a bucket wider than the prefix.
+    decode_window = positions[:16] if lean.for_cuda else positions[:6]
+    inputs = {
+        "prefill": (ids, positions[3:10], positions[:10]),
+        "decode": (ids[:1], positions[5:6], decode_window),
+    }
+    with torch.no_grad(), quiet_torchscript():
+        return torch.jit.trace_module(lean, inputs, check_trace=False)
+
+
+def verify_artifact(directory: Path, hf, progress: Progress) -> None:
+    """Greedy tokens of the artifact against transformers (the model given, in the artifact's dtype and device).
+
+    float32: the artifact runs freely and every token must be the same. bfloat16/float16: both follow
+    transformers' greedy tokens (teacher forcing); a step where the artifact picks another token passes only
+    when transformers' own logits call it a near tie (within 2 units in the last place of its top logit),
+    since fused matmuls round differently in 16-bit. Raises ChatError on a failure."""
+    from chat.backends.torchscript_backend import TorchScriptBackend
+
+    backend = TorchScriptBackend(directory)
+    exact = backend.info.dtype == "float32"
+    tolerance = 2 * torch.finfo(getattr(torch, backend.info.dtype)).eps
+    try:
+        for n, text in enumerate(VERIFY_PROMPTS, 1):
+            tok = backend.tokenizer
+            prompt = tok.render([{"role": "user", "content": text}]) if tok.has_chat_template else text
+            ids = tok.encode(prompt, add_special_tokens=not tok.has_chat_template)
+            reference, ref_logits = _hf_greedy(hf, ids, VERIFY_TOKENS)
+            logits = backend.prefill(ids)
+            near_ties = 0
+            for step, expected in enumerate(reference):
+                got = int(logits.argmax())
+                if got != expected:
+                    top = ref_logits[step]
+                    gap = float(top[expected] - top[got])
+                    if exact or gap > tolerance * float(top[expected].abs()):
+                        raise ChatError(
+                            f"verify failed: prompt {n} token {step}: artifact {got}, transformers {expected} "
+                            f"(logit gap {gap:.4g}); do not use this artifact"
+                        )
+                    near_ties += 1
+                logits = backend.decode(expected)
+            note = f", {near_ties} near tie(s) within {backend.info.dtype} rounding" if near_ties else ""
+            progress(f"verify: prompt {n}: {len(reference)} greedy tokens identical to transformers{note}")
+    finally:
+        backend.close()
+
+
+@torch.inference_mode()
+def _hf_greedy(hf, ids: list[int], count: int) -> tuple[list[int], list[torch.Tensor]]:
+    from transformers import DynamicCache
+
+    device = next(hf.parameters()).device
+    # transformers 5 renamed past_key_values to cache; older versions only know the former.
+    cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    step_ids = torch.tensor([ids], device=device)
+    tokens, logits = [], []
+    for _ in range(count):
+        out = hf(input_ids=step_ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        row = out.logits[0, -1].float()
+        tokens.append(int(row.argmax()))
+        logits.append(row)
+        step_ids = torch.tensor([[tokens[-1]]], device=device)
+    return tokens, logits
+
+
+def _copy_tokenizer(source: Path, work: Path) -> None:
+    for name in COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, work / name)
+    if not (work / "tokenizer.json").is_file():  # only a slow tokenizer: let transformers write tokenizer.json
+        from transformers import AutoTokenizer
+
+        try:
+            AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(work)
+        except Exception as why:
+            raise ChatError(f"{source} has no tokenizer.json and transformers could not make one ({why})") from None
+        if not (work / "tokenizer.json").is_file():
+            raise ChatError(f"{source}'s tokenizer has no fast (tokenizer.json) form; it cannot be exported yet")
+
+
+def _source_version(source: Path) -> dict[str, str]:
+    """The Hub revision when the source is a Hub snapshot, else a sha256 over config and weight files."""
+    if source.parent.name == "snapshots":
+        return {"revision": source.name}
+    digest = hashlib.sha256()
+    from chat.artifact import sha256_file
+
+    for path in sorted([source / "config.json", *source.glob("*.safetensors"), *source.glob("*.bin")]):
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return {"sha256": digest.hexdigest()}
+
+
+def _replace(work: Path, outdir: Path) -> None:
+    """Move the finished artifact into place; an older artifact there is replaced only after that succeeds."""
+    old = None
+    if outdir.exists():
+        old = outdir.with_name(f".{outdir.name}.old-{int(time.time())}")
+        outdir.rename(old)
+    try:
+        work.rename(outdir)
+    except OSError:
+        if old is not None:
+            old.rename(outdir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

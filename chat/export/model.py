@@ -1,0 +1,229 @@
+"""The lean decoder that export traces: one module for the supported families, built from their weights.
+
+Per layer: one matmul for q/k/v and one for gate/up, RoPE from a precomputed table applied to q and k
+at once, RMSNorm in float32, and a static KV cache held in the module as buffers. Attention reads only
+the keys it needs: the filled prefix on CPU (the `window` input's length), or a fixed bucket of the
+cache with a mask on CUDA, so a CUDA graph per bucket can replay the step.
+
+Every method takes 1-D tensors: `ids` and `positions` of the new tokens and `window`, the key positions
+0..W-1 (a view of an arange the caller keeps), whose length is traced as a dynamic size. Decode runs on
+1-D hidden vectors, so its matmuls are matrix-vector products.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Weights = dict[str, torch.Tensor | None]
+
+
+@dataclass
+class Shape:
+    """What a traced module needs to know about its model; stored in the artifact's manifest."""
+
+    family: str  # llama (also mistral, qwen2) | phi3 | gpt2
+    vocab_size: int
+    hidden_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    norm: str  # "rms" (float32 inside) or "layer"
+    norm_eps: float
+    activation: str  # "silu" (gated) or "gelu_tanh" (plain MLP)
+    rotary_dim: int  # 0: learned absolute positions instead of RoPE
+
+
+def transposed_weights(shape: Shape, dtype: torch.dtype, device: torch.device) -> set[str]:
+    """Which weights to store as (in, out): on CPU in float32, those whose output is wider than their input,
+    since MKL's x @ W beats x @ W.T for them at one token (measured: 10-20% on q/k/v, gate/up and the
+    output head). bfloat16 decodes fastest with matrix-vector products on (out, in) weights."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return set()
+    inner = shape.heads * shape.head_dim
+    qkv = inner + 2 * shape.kv_heads * shape.head_dim
+    wide = {"wqkv": qkv > shape.hidden_size, "wo": shape.hidden_size > inner, "wup": True, "lm_head": True}
+    return {name for name, is_wide in wide.items() if is_wide}
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """x @ W.T + b for a weight stored (out, in), or x @ W + b for one stored (in, out); x is 1-D at decode."""
+    if transposed:
+        y = torch.matmul(x, w)
+        return y if b is None else y + b
+    if x.dim() == 1:
+        return torch.mv(w, x) if b is None else torch.addmv(b, w, x)
+    return F.linear(x, w, b)
+
+
+class Layer(nn.Module):
+    def __init__(self, shape: Shape, w: Weights, transposed: set[str], for_cuda: bool):
+        super().__init__()
+        self.shape = shape
+        self.transposed = transposed  # read at trace time only, like for_cuda
+        self.for_cuda = for_cuda
+        for name, tensor in w.items():
+            if name in transposed and tensor is not None:
+                tensor = tensor.t().contiguous()
+            self.register_buffer(name, tensor)
+        self.register_buffer("k_cache", torch.zeros(0))  # (1, kv_heads, max_len, head_dim), set by allocate_cache
+        self.register_buffer("v_cache", torch.zeros(0))
+
+    def forward_tokens(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        window: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x: (tokens, hidden), or (hidden,) for one decoded token."""
+        s, t = self.shape, self.transposed
+        groups = s.heads // s.kv_heads
+        qk_width = (s.heads + s.kv_heads) * s.head_dim
+        qkv = linear(_norm(s, x, self.ln1, self.ln1_b, self.for_cuda), self.wqkv, self.bqkv, "wqkv" in t)
+        qk, v = qkv.split([qk_width, s.kv_heads * s.head_dim], dim=-1)
+        qk = qk.reshape(-1, s.heads + s.kv_heads, s.head_dim)
+        if rope is not None:
+            qk = _rotate(qk, rope[0], rope[1], s.rotary_dim, self.for_cuda)
+        q, k = qk.split([s.heads, s.kv_heads], dim=1)
+        v = v.reshape(-1, s.kv_heads, s.head_dim)
+        one = x.dim() == 1  # decided at trace time: decode has fewer reshapes
+        # Caches are (1, kv_heads, max_len, head_dim); new keys go in at their positions.
+        self.k_cache.index_copy_(2, positions, k.unsqueeze(2) if one else k.transpose(0, 1).unsqueeze(0))
+        self.v_cache.index_copy_(2, positions, v.unsqueeze(2) if one else v.transpose(0, 1).unsqueeze(0))
+        size = window.size(0)
+        keys, values = self.k_cache.narrow(2, 0, size), self.v_cache.narrow(2, 0, size)
+        # Query heads grouped by their kv head, (1, kv_heads, groups * tokens, head_dim): no repeat of K/V,
+        # and 4-D so that CPU takes its flash kernel (the 3-D form falls back to the slow math path).
+        if one:
+            q = q.reshape(1, s.kv_heads, groups, s.head_dim)
+        else:
+            q = q.reshape(-1, s.kv_heads, groups, s.head_dim).permute(1, 2, 0, 3).reshape(1, s.kv_heads, -1, s.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if one:
+            out = out.reshape(-1)
+        else:
+            out = out.reshape(s.kv_heads, groups, -1, s.head_dim).permute(2, 0, 1, 3).reshape(-1, s.heads * s.head_dim)
+        x = x + linear(out, self.wo, self.bo, "wo" in t)
+        h = _norm(s, x, self.ln2, self.ln2_b, self.for_cuda)
+        if s.activation == "silu":
+            gate, up = linear(h, self.wup, self.bup, "wup" in t).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t), approximate="tanh")
+        return x + linear(h, self.wdown, self.bdown, "wdown" in t)
+
+
+class LeanLM(nn.Module):
+    def __init__(
+        self,
+        shape: Shape,
+        top: Weights,
+        layers: list[Weights],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        for_cuda: bool,
+        transposed: set[str],
+    ):
+        super().__init__()
+        self.shape = shape
+        # For CUDA: decode attends over a masked cache bucket (for CUDA graphs) instead of the exact prefix, and
+        # norms and RoPE take the forms with the fewest kernels. On CPU, the forms with the fewest ops.
+        self.for_cuda = for_cuda
+        self.head_transposed = "lm_head" in transposed
+        top = dict(top)
+        if self.head_transposed:
+            if top["lm_head"] is None:  # tied: keep one (hidden, vocab) copy; embedding reads its columns
+                top["embed"] = top["embed"].t().contiguous()
+            else:
+                top["lm_head"] = top["lm_head"].t().contiguous()
+        self.embed_transposed = self.head_transposed and top["lm_head"] is None
+        for name, tensor in top.items():
+            self.register_buffer(name, tensor)
+        self.register_buffer("cos", rope[0] if rope else None)
+        self.register_buffer("sin", rope[1] if rope else None)
+        self.blocks = nn.ModuleList(Layer(shape, w, transposed, for_cuda) for w in layers)
+
+    def allocate(self, max_len: int) -> None:
+        allocate_cache(self, self.shape, max_len, self.norm_w.dtype, self.norm_w.device)
+
+    def _run(
+        self, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor, mask: torch.Tensor | None, one: bool
+    ) -> torch.Tensor:
+        x = self.embed.index_select(1, ids).t() if self.embed_transposed else F.embedding(ids, self.embed)
+        if self.pos_embed is not None:
+            x = x + F.embedding(positions, self.pos_embed)
+        x = x[0] if one else x
+        rope = None
+        if self.cos is not None:
+            rope = (self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1))
+        for block in self.blocks:
+            x = block.forward_tokens(x, positions, window, rope, mask)
+        x = _norm(self.shape, x if one else x[-1], self.norm_w, self.norm_b, self.for_cuda)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return linear(x, head, None, self.head_transposed)
+
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Run a chunk of tokens at `positions` (the keys are `window`, up to the chunk's end); last logits."""
+        groups = self.shape.heads // self.shape.kv_heads
+        mask = (window.unsqueeze(0) <= positions.unsqueeze(1)).repeat(groups, 1)
+        return self._run(ids, positions, window, mask, one=False)
+
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """One token; on CPU `window` is exactly the filled prefix, on CUDA a bucket masked past the token."""
+        mask = None
+        if self.for_cuda:  # additive, made once per step: SDPA then converts nothing in each layer
+            mask = torch.where(window <= positions, 0.0, float("-inf")).to(self.norm_w.dtype).unsqueeze(0)
+        return self._run(ids, positions, window, mask, one=True)
+
+
+def allocate_cache(module: nn.Module, shape: Shape, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Give every layer of `module` (eager or loaded TorchScript) a zeroed cache of max_len positions.
+
+    The artifact is saved with empty caches so the file holds weights only."""
+    for block in module.blocks.children():
+        block.k_cache = torch.zeros(1, shape.kv_heads, max_len, shape.head_dim, dtype=dtype, device=device)
+        block.v_cache = torch.zeros(1, shape.kv_heads, max_len, shape.head_dim, dtype=dtype, device=device)
+
+
+def _norm(shape: Shape, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool) -> torch.Tensor:
+    if shape.norm == "rms" and fused:
+        # One kernel: float math inside, one rounding at the end (transformers rounds before the weight).
+        return F.rms_norm(x, (shape.hidden_size,), weight, shape.norm_eps)
+    if shape.norm == "rms":
+        # As transformers does: normalise in float32, cast back, then scale in the model's dtype.
+        if x.dtype == torch.float32:  # decided at trace time: no cast ops in a float32 graph
+            return weight * F.rms_norm(x, (shape.hidden_size,), eps=shape.norm_eps)
+        return weight * F.rms_norm(x.float(), (shape.hidden_size,), eps=shape.norm_eps).to(x.dtype)
+    return F.layer_norm(x, (shape.hidden_size,), weight, bias, shape.norm_eps)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, fusible: bool) -> torch.Tensor:
+    """RoPE (rotate-half form) on the first rotary_dim features of every head; sin has its sign folded in.
+
+    The halves are swapped by roll (one op, for CPU) or by cat of slices, which TorchScript's CUDA fuser
+    merges with the products into one kernel."""
+    rot, rest = (x[..., :rotary_dim], x[..., rotary_dim:]) if rotary_dim < x.size(-1) else (x, None)
+    half = rotary_dim // 2
+    swapped = torch.cat([rot[..., half:], rot[..., :half]], dim=-1) if fusible else torch.roll(rot, half, -1)
+    out = rot * cos + swapped * sin
+    return out if rest is None else torch.cat([out, rest], dim=-1)
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Hide TorchScript's deprecation and tracer warnings: they concern torch's plans, not the user's chat
+    (the README says which torch versions work)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield

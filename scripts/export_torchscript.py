@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Export a Hugging Face causal LM to a TorchScript artifact directory for `chat`.
+
+Usage:
+  export_torchscript.py MODEL OUTDIR [--device=DEVICE] [--dtype=DTYPE] [--max-len=N] [--verify]
+  export_torchscript.py (-h | --help)
+
+Arguments:
+  MODEL            a local model directory or a Hugging Face Hub id (llama, mistral, qwen2, phi3, gpt2)
+  OUTDIR           where the artifact goes; `chat --model MODEL_DIR` finds it by itself when OUTDIR is
+                   MODEL_DIR/torchscript/DEVICE-DTYPE, and `chat --model OUTDIR` runs it from anywhere
+
+Options:
+  --device=DEVICE  cpu or cuda: the artifact runs only there [default: cpu]
+  --dtype=DTYPE    float32, bfloat16 or float16 [default: float32]
+  --max-len=N      most tokens per conversation (the KV cache size); default: the model's limit, at most 4096
+  --verify         compare 32 greedy tokens on a few prompts with transformers; fail on a differing token
+  -h --help        show this
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from docopt import docopt
+
+from chat.errors import ChatError, UsageError
+
+
+def main() -> int:
+    args = docopt(__doc__)
+    try:
+        max_len = None
+        if args["--max-len"] is not None:
+            try:
+                max_len = int(args["--max-len"])
+                assert max_len > 0
+            except (ValueError, AssertionError):
+                raise UsageError(f"--max-len={args['--max-len']}: give a whole number above 0") from None
+        from chat.export import export, stderr_progress
+
+        export(
+            args["MODEL"],
+            args["OUTDIR"],
+            device=args["--device"],
+            dtype=args["--dtype"],
+            max_len=max_len,
+            verify=args["--verify"],
+            progress=stderr_progress(),
+        )
+    except ChatError as why:
+        print(f"export_torchscript: {why}", file=sys.stderr)
+        return why.exit_code
+    except KeyboardInterrupt:
+        print("export_torchscript: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

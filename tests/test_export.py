@@ -1,0 +1,235 @@
+"""Export to a TorchScript artifact: verify against transformers, the manifest, atomic writes, refusals,
+the script's command line, and the demo model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import chat.export
+from chat.artifact import MANIFEST, artifact_dir_for, read_manifest, sha256_file
+from chat.backends.base import LoadOptions
+from chat.backends.torchscript_backend import TorchScriptBackend
+from chat.backends.transformers_backend import TransformersBackend
+from chat.errors import ChatError, UsageError
+from chat.export import export
+from chat.generation import ReplyStream
+from chat.params import GenerationParams
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "export_torchscript.py"
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_export_verifies_against_transformers(request, tmp_path, model):
+    source = request.getfixturevalue(model)
+    messages = []
+    out = export(str(source), tmp_path / "art", max_len=128, verify=True, progress=messages.append)
+    assert sum("32 greedy tokens identical" in m for m in messages) == 3
+    manifest = read_manifest(out)
+    assert manifest["architecture"] == ("gpt2" if model == "tiny_gpt2" else "llama")
+    assert manifest["dtype"] == "float32" and manifest["device"] == "cpu" and manifest["max_len"] == 128
+    assert manifest["torch_version"] == torch.__version__
+    assert manifest["source"]["path"] == str(source) and len(manifest["source"]["sha256"]) == 64
+    assert manifest["eos_token_ids"] == [2 if model == "tiny_llama" else 0]
+    assert manifest["vocab_size"] == json.loads((source / "config.json").read_text())["vocab_size"]
+    files = sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
+    assert sorted(manifest["files"]) == files
+    assert {"model.ts", "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(files)
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(out / name)
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no temporary directory left
+
+
+def tiny_family_model(directory: Path, tokenizer_from: Path, model_type: str) -> Path:
+    """A 2-layer model of another supported family, random weights, the tiny llama's tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copy(tokenizer_from / name, directory / name)
+    extra = {
+        "mistral": {"sliding_window": 4096},
+        "qwen2": {"tie_word_embeddings": False},  # q/k/v biases, an untied head
+        "phi3": {"partial_rotary_factor": 0.5},  # fused qkv and gate_up, partial RoPE
+    }[model_type]
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model_type == "qwen2":  # random init leaves biases at zero: make them count
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.normal_(0, 0.5)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "phi3"])
+def test_other_families_verify(tiny_llama, tmp_path, model_type):
+    source = tiny_family_model(tmp_path / model_type, tiny_llama, model_type)
+    messages = []
+    out = export(str(source), tmp_path / "art", max_len=128, verify=True, progress=messages.append)
+    assert sum("32 greedy tokens identical" in m for m in messages) == 3
+    assert read_manifest(out)["model_type"] == model_type
+
+
+def test_tied_weights_are_stored_once(tiny_llama, tmp_path):
+    out = export(str(tiny_llama), tmp_path / "art", max_len=32)
+    weights = (tiny_llama / "model.safetensors").stat().st_size  # float32, embedding stored once
+    assert (out / "model.ts").stat().st_size < weights * 1.1
+
+
+def test_reexport_replaces_and_failure_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    out = export(str(tiny_llama), tmp_path / "art", max_len=32)
+    export(str(tiny_llama), out, max_len=48)
+    assert read_manifest(out)["max_len"] == 48
+
+    def fail(*args):
+        raise ChatError("verify failed: on purpose")
+
+    monkeypatch.setattr(chat.export, "verify_artifact", fail)
+    with pytest.raises(ChatError, match="on purpose"):
+        export(str(tiny_llama), out, max_len=64, verify=True)
+    assert read_manifest(out)["max_len"] == 48  # the old artifact is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]
+
+
+def test_refusals(tiny_llama, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not an artifact directory"):
+        export(str(tiny_llama), tmp_path / "busy")
+    with pytest.raises(ChatError, match="beyond what this model supports"):
+        export(str(tiny_llama), tmp_path / "long", max_len=100_000)
+    other = tmp_path / "mamba"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    (other / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ChatError, match="'mamba' models to TorchScript is not supported yet"):
+        export(str(other), tmp_path / "out")
+
+
+def test_script_command_line(tiny_llama, tmp_path):
+    out = tmp_path / "art"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tiny_llama), str(out), "--max-len=40", "--dtype=bfloat16"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tracing" in done.stderr and "Warning" not in done.stderr
+    assert read_manifest(out)["dtype"] == "bfloat16"
+    bad = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tiny_llama), str(tmp_path / "x"), "--dtype=int8"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "--dtype=int8" in bad.stderr
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_demo_model_float32_verifies(demo_model, tmp_path):
+    """The demo model: float32 greedy tokens identical to transformers (the export's own --verify)."""
+    messages = []
+    export(str(demo_model), tmp_path / "f32", max_len=512, verify=True, progress=messages.append)
+    assert sum("32 greedy tokens identical" in m for m in messages) == 3
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_demo_model_bfloat16_answers(demo_model, tmp_path):
+    """The dtype `make demo` exports for the CPU still answers the capital question greedily."""
+    artifact = export(str(demo_model), tmp_path / "bf16", dtype="bfloat16", max_len=512)
+    backend = TorchScriptBackend(artifact)
+    prompt = backend.tokenizer.render([{"role": "user", "content": "What is the capital of France?"}])
+    ids = backend.tokenizer.encode(prompt, add_special_tokens=False)
+    stream = ReplyStream(backend, ids, GenerationParams(temperature=0.0, max_new_tokens=20), torch.Generator())
+    assert "Paris" in "".join(stream)
+
+
+def test_demo_artifact_location_is_what_auto_looks_for(tmp_path):
+    """`make demo` exports to MODEL/torchscript/cpu-bfloat16, the place auto looks first on this kind of CPU."""
+    from chat.backends.select import find_artifact, preferred_dtypes
+
+    target = artifact_dir_for(tmp_path, "cpu", preferred_dtypes("cpu")[0])
+    target.mkdir(parents=True)
+    (target / MANIFEST).write_text("{}")
+    found, _ = find_artifact(LoadOptions(model=str(tmp_path), device="cpu"))
+    assert found == target
+
+
+def test_float32_replies_identical_across_backends_on_a_chat_prompt(tiny_llama, tmp_path):
+    artifact = export(str(tiny_llama), tmp_path / "art", max_len=128)
+    ts = TorchScriptBackend(artifact)
+    hf = TransformersBackend(LoadOptions(model=str(tiny_llama), device="cpu", dtype="float32"))
+    messages = [{"role": "user", "content": "Hello, how are you today?"}]
+    ids = ts.tokenizer.encode(ts.tokenizer.render(messages), add_special_tokens=False)
+    assert ids == hf.tokenizer.encode(hf.tokenizer.render(messages), add_special_tokens=False)
+    params = GenerationParams(temperature=0.0, max_new_tokens=40, min_new_tokens=40)
+    replies = []
+    for backend in (ts, hf):
+        stream = ReplyStream(backend, ids, params, torch.Generator())
+        replies.append("".join(stream))
+    assert replies[0] == replies[1]
+
+
+@pytest.mark.slow
+def test_bench_runs_both_backends(tiny_llama, tmp_path):
+    """scripts/bench.py end to end on the tiny model (speeds are reported, never asserted)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT.parent / "bench.py"),
+            f"--model={model}",
+            "--device=cpu",
+            "--dtypes=float32",
+            "--prompts=8",
+            "--new-tokens=4",
+            "--repeats=1",
+            f"--out={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "out" / "bench.json").read_text())
+    run = results["runs"][0]
+    assert run["torchscript"]["backend"] == "torchscript" and run["transformers"]["backend"] == "transformers"
+    assert run["floor_tok_s"] > 0 and "| float32 | 8 | torchscript |" in done.stdout
+
+
+def test_manifest_shape_fields_match_the_module():
+    import dataclasses
+
+    from chat.artifact import SHAPE_FIELDS
+    from chat.export.model import Shape
+
+    assert {f.name for f in dataclasses.fields(Shape)} == SHAPE_FIELDS
