@@ -43,6 +43,7 @@ class Session:
         self.label = Path(options.model.rstrip("/")).name or options.model
         self.last_stats: ReplyStats | None = None
         self.running = True
+        self.conversational = False  # a person at a terminal: label replies, remark on cut-off ones
         self.generator = torch.Generator(device=backend.info.device)
         self.reseed()
 
@@ -112,7 +113,7 @@ class Session:
             self.notice(f"(dropped the {prompt.dropped} oldest exchange(s) to fit the model's context)")
 
         stream = ReplyStream(self.backend, prompt.ids, self.params, self.generator, prompt.stop_strings)
-        interactive = self.out.isatty()
+        interactive = self.conversational and self.out.isatty()
         if interactive:
             print(self.style.model(f"{self.label}:") + " ", end="", file=self.out, flush=True)
         try:
@@ -208,6 +209,7 @@ def run(options: Options) -> int:
 
 def interactive(session: Session) -> int:
     save_history = setup_readline()
+    session.conversational = True
     info = session.backend.info
     session.say(
         session.style.note(

@@ -157,3 +157,16 @@ def test_one_shot_prompt(tiny_llama):
     )
     assert result.returncode == 0 and result.stdout.endswith("\n") and result.stdout.count("\n") >= 1
     assert " tok/s" in result.stderr and "first token" in result.stderr
+
+
+def test_one_shot_in_a_terminal_prints_only_the_reply(tiny_llama):
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "chat", str(tiny_llama), "--prompt", "Hi", "--max-new-tokens", "3"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"},
+        encoding="utf-8",
+        timeout=120,
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "tiny-llama0:" not in child.before and "User:" not in child.before
