@@ -46,7 +46,8 @@ Options:
   --prompt=TEXT                One-shot: print the reply to TEXT and exit.
   --no-stream                  Print each reply whole instead of token by token.
   --context-policy=POLICY      When the history outgrows the context: drop-oldest or error [default: drop-oldest].
-  --save-dir=DIR               Where !save writes without a path [default: {"~/.local/share/chat/sessions"}].
+  --save-dir=DIR               Where !save writes without a path (default $XDG_DATA_HOME/chat/sessions,
+                               that is ~/.local/share/chat/sessions).
   --load=FILE                  Resume a session saved with !save.
   --trust-remote-code          Allow a model's own Python code to run (off by default).
   --offline                    Never touch the network (also HF_HUB_OFFLINE=1).
@@ -102,6 +103,11 @@ def demo_model_dirs() -> list[Path]:
     dirs.append(Path(__file__).resolve().parent.parent / "models" / DEMO_NAME)
     dirs.append(Path.cwd() / "models" / DEMO_NAME)
     return dirs
+
+
+def default_save_dir() -> Path:
+    data = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(data) / "chat" / "sessions"
 
 
 def find_demo_model() -> Path | None:
@@ -171,7 +177,7 @@ def parse_args(argv: list[str]) -> Options:
         prompt=args["--prompt"],
         stream=not args["--no-stream"],
         context_policy=args["--context-policy"],
-        save_dir=Path(args["--save-dir"]).expanduser(),
+        save_dir=Path(args["--save-dir"]).expanduser() if args["--save-dir"] else default_save_dir(),
         load=load,
         trust_remote_code=args["--trust-remote-code"],
         offline=offline,

@@ -156,6 +156,13 @@ def test_save_default_dir(tiny_llama, tmp_path):
     assert len(files) == 1 and str(files[0]) in output(session)[0]
 
 
+def test_save_dir_follows_xdg(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    session = make_session(tiny_llama)
+    session.handle("!save")
+    assert len(list((tmp_path / "xdg" / "chat" / "sessions").glob("chat-*.json"))) == 1
+
+
 def test_save_to_directory_or_unwritable(session, tmp_path):
     session.handle(f"!save {tmp_path}")
     assert "is a directory" in output(session)[1]
