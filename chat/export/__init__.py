@@ -20,7 +20,7 @@ import torch
 
 from chat.artifact import MODEL_FILE, is_artifact, write_manifest
 from chat.errors import ChatError, UsageError
-from chat.export.model import LeanLM, allocate_cache, quiet_torchscript, transposed_weights
+from chat.export.model import LeanLM, allocate_cache, fewest_ops, quiet_torchscript, transposed_weights
 
 COPIED_FILES = (
     "tokenizer.json",
@@ -110,6 +110,7 @@ def export(
         table,
         for_cuda=torch_device.type == "cuda",
         transposed=transposed_weights(shape, torch_dtype, torch_device),
+        fewest_ops=fewest_ops(torch_dtype, torch_device),
     ).eval()
     del top, layers
 

@@ -7,7 +7,9 @@ cache with a mask on CUDA, so a CUDA graph per bucket can replay the step.
 
 Every method takes 1-D tensors: `ids` and `positions` of the new tokens and `window`, the key positions
 0..W-1 (a view of an arange the caller keeps), whose length is traced as a dynamic size. Decode runs on
-1-D hidden vectors, so its matmuls are matrix-vector products.
+1-D hidden vectors, so its matmuls are matrix-vector products. On CPU in float32 (see fewest_ops) RMSNorm
+weights are folded into the next matmul's weights, residual adds ride on addmv and one token's RoPE is one
+small matmul: a layer of decode is 26 graph ops instead of 31.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def transposed_weights(shape: Shape, dtype: torch.dtype, device: torch.device) -
     return {name for name, is_wide in wide.items() if is_wide}
 
 
+def fewest_ops(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the module takes the forms with the fewest ops per layer at decode: on CPU in float32, whose
+    matrix-vector products leave the small ops of a layer a measurable share of a token (bfloat16 is
+    bound by its matmuls, and 16-bit keeps transformers' rounding). RMSNorm weights go into the next matmul's
+    weights ((x * r * g) @ W.T = (x * r) @ (W * g).T), the residual adds into addmv, RoPE is one matmul."""
+    return device.type == "cpu" and dtype == torch.float32
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
     """x @ W.T + b for a weight stored (out, in), or x @ W + b for one stored (in, out); x is 1-D at decode."""
     if transposed:
@@ -64,11 +74,21 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed:
 
 
 class Layer(nn.Module):
-    def __init__(self, shape: Shape, w: Weights, transposed: set[str], for_cuda: bool):
+    def __init__(self, shape: Shape, w: Weights, transposed: set[str], for_cuda: bool, fewest_ops: bool):
         super().__init__()
         self.shape = shape
-        self.transposed = transposed  # read at trace time only, like for_cuda
+        self.transposed = transposed  # read at trace time only, like for_cuda and fewest_ops
         self.for_cuda = for_cuda
+        self.fewest_ops = fewest_ops
+        self.fold_norms = fewest_ops and shape.norm == "rms"
+        if self.fold_norms:
+            # The norm weight and sqrt(hidden) (see _unit_norm) scale the matmul's inputs: into the weight's columns.
+            root = shape.hidden_size**0.5
+            w = dict(w, wqkv=w["wqkv"] * (w["ln1"] * root), wup=w["wup"] * (w["ln2"] * root), ln1=None, ln2=None)
+            # _unit_norm's eps term as a tensor, for torch.hypot
+            self.register_buffer(
+                "norm_eps", torch.tensor((shape.hidden_size * shape.norm_eps) ** 0.5, dtype=w["wup"].dtype)
+            )
         for name, tensor in w.items():
             if name in transposed and tensor is not None:
                 tensor = tensor.t().contiguous()
@@ -81,24 +101,28 @@ class Layer(nn.Module):
         x: torch.Tensor,
         positions: torch.Tensor,
         window: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x: (tokens, hidden), or (hidden,) for one decoded token."""
+        """x: (tokens, hidden), or (hidden,) for one decoded token. rope: (cos, sin) rows of the positions, or
+        for one token the (head_dim, head_dim) matrix that rotates a head (see LeanLM.__init__)."""
         s, t = self.shape, self.transposed
         groups = s.heads // s.kv_heads
         qk_width = (s.heads + s.kv_heads) * s.head_dim
-        qkv = linear(_norm(s, x, self.ln1, self.ln1_b, self.for_cuda), self.wqkv, self.bqkv, "wqkv" in t)
+        qkv = linear(self._norm(x, self.ln1, self.ln1_b), self.wqkv, self.bqkv, "wqkv" in t)
         qk, v = qkv.split([qk_width, s.kv_heads * s.head_dim], dim=-1)
-        qk = qk.reshape(-1, s.heads + s.kv_heads, s.head_dim)
-        if rope is not None:
+        one = x.dim() == 1  # decided at trace time: decode has fewer reshapes
+        # One token: heads as (1, heads, 1, head_dim), the cache's layout, so keys and values go in as they are.
+        qk = qk.reshape(1, -1, 1, s.head_dim) if one else qk.reshape(-1, s.heads + s.kv_heads, s.head_dim)
+        if isinstance(rope, torch.Tensor):  # one token on CPU in float32: RoPE as one small matmul
+            qk = torch.matmul(qk, rope)
+        elif rope is not None:
             qk = _rotate(qk, rope[0], rope[1], s.rotary_dim, self.for_cuda)
         q, k = qk.split([s.heads, s.kv_heads], dim=1)
-        v = v.reshape(-1, s.kv_heads, s.head_dim)
-        one = x.dim() == 1  # decided at trace time: decode has fewer reshapes
+        v = v.reshape(1, -1, 1, s.head_dim) if one else v.reshape(-1, s.kv_heads, s.head_dim)
         # Caches are (1, kv_heads, max_len, head_dim); new keys go in at their positions.
-        self.k_cache.index_copy_(2, positions, k.unsqueeze(2) if one else k.transpose(0, 1).unsqueeze(0))
-        self.v_cache.index_copy_(2, positions, v.unsqueeze(2) if one else v.transpose(0, 1).unsqueeze(0))
+        self.k_cache.index_copy_(2, positions, k if one else k.transpose(0, 1).unsqueeze(0))
+        self.v_cache.index_copy_(2, positions, v if one else v.transpose(0, 1).unsqueeze(0))
         size = window.size(0)
         keys, values = self.k_cache.narrow(2, 0, size), self.v_cache.narrow(2, 0, size)
         # Query heads grouped by their kv head, (1, kv_heads, groups * tokens, head_dim): no repeat of K/V,
@@ -112,14 +136,25 @@ class Layer(nn.Module):
             out = out.reshape(-1)
         else:
             out = out.reshape(s.kv_heads, groups, -1, s.head_dim).permute(2, 0, 1, 3).reshape(-1, s.heads * s.head_dim)
-        x = x + linear(out, self.wo, self.bo, "wo" in t)
-        h = _norm(s, x, self.ln2, self.ln2_b, self.for_cuda)
+        x = self._add_linear(x, out, self.wo, self.bo, "wo")
+        h = self._norm(x, self.ln2, self.ln2_b)
         if s.activation == "silu":
             gate, up = linear(h, self.wup, self.bup, "wup" in t).chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
             h = F.gelu(linear(h, self.wup, self.bup, "wup" in t), approximate="tanh")
-        return x + linear(h, self.wdown, self.bdown, "wdown" in t)
+        return self._add_linear(x, h, self.wdown, self.bdown, "wdown")
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.fold_norms:
+            return _unit_norm(x, self.norm_eps)
+        return _norm(self.shape, x, weight, bias, self.for_cuda)
+
+    def _add_linear(self, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, name: str):
+        """x + linear(h); on the CPU float32 decode path one addmv where it can be (one op fewer)."""
+        if self.fewest_ops and h.dim() == 1 and b is None and name not in self.transposed:
+            return torch.addmv(x, w, h)
+        return x + linear(h, w, b, name in self.transposed)
 
 
 class LeanLM(nn.Module):
@@ -132,6 +167,7 @@ class LeanLM(nn.Module):
         *,
         for_cuda: bool,
         transposed: set[str],
+        fewest_ops: bool = False,
     ):
         super().__init__()
         self.shape = shape
@@ -150,7 +186,13 @@ class LeanLM(nn.Module):
             self.register_buffer(name, tensor)
         self.register_buffer("cos", rope[0] if rope else None)
         self.register_buffer("sin", rope[1] if rope else None)
-        self.blocks = nn.ModuleList(Layer(shape, w, transposed, for_cuda) for w in layers)
+        # On CPU in float32 one token's RoPE is a matmul by a matrix made once per step: diag(cos) + swap * sin,
+        # swap[j, i] = 1 where j = i +- head_dim / 2 (the rotate-half pairs). One op per layer instead of four.
+        swap = None
+        if fewest_ops and rope and shape.rotary_dim == shape.head_dim:
+            swap = torch.eye(shape.head_dim, dtype=rope[0].dtype, device=rope[0].device).roll(shape.head_dim // 2, 0)
+        self.register_buffer("rope_swap", swap)
+        self.blocks = nn.ModuleList(Layer(shape, w, transposed, for_cuda, fewest_ops) for w in layers)
 
     def allocate(self, max_len: int) -> None:
         allocate_cache(self, self.shape, max_len, self.norm_w.dtype, self.norm_w.device)
@@ -165,6 +207,8 @@ class LeanLM(nn.Module):
         rope = None
         if self.cos is not None:
             rope = (self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1))
+        if one and self.rope_swap is not None:
+            rope = torch.diag(rope[0][0, 0]) + self.rope_swap * rope[1][0]
         for block in self.blocks:
             x = block.forward_tokens(x, positions, window, rope, mask)
         x = _norm(self.shape, x if one else x[-1], self.norm_w, self.norm_b, self.for_cuda)
@@ -204,6 +248,12 @@ def _norm(shape: Shape, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             return weight * F.rms_norm(x, (shape.hidden_size,), eps=shape.norm_eps)
         return weight * F.rms_norm(x.float(), (shape.hidden_size,), eps=shape.norm_eps).to(x.dtype)
     return F.layer_norm(x, (shape.hidden_size,), weight, bias, shape.norm_eps)
+
+
+def _unit_norm(x: torch.Tensor, eps_root: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without its weight, divided by sqrt(hidden): x / sqrt(sum(x^2) + hidden * eps), eps_root being
+    sqrt(hidden * eps). Three cheap ops; F.rms_norm costs about four times as much per call at decode."""
+    return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps_root)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, fusible: bool) -> torch.Tensor:
