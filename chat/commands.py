@@ -85,12 +85,13 @@ def do_undo(session: Session, rest: str) -> None:
 
 def do_regen(session: Session, rest: str) -> None:
     messages = session.conversation.messages
-    if messages and messages[-1]["role"] == "assistant":
-        messages.pop()
+    previous = messages.pop() if messages and messages[-1]["role"] == "assistant" else None
     if not messages or messages[-1]["role"] != "user":
         session.say("nothing to regenerate: send a message first")
+    elif session.respond():
         return
-    session.respond()
+    if previous is not None:  # no new reply: keep the old one
+        messages.append(previous)
 
 
 def do_save(session: Session, rest: str) -> None:

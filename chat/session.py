@@ -88,12 +88,16 @@ class Session:
     # --- replies ------------------------------------------------------------------------------
 
     def ask(self, text: str) -> bool:
-        """Send a user message and stream the reply; False when no reply could be made."""
+        """Send a user message and stream the reply; False when no reply could be made (the message is taken
+        back, so a refused message does not haunt the next turn)."""
         self.conversation.add("user", text)
-        return self.respond()
+        if self.respond():
+            return True
+        self.conversation.messages.pop()
+        return False
 
     def respond(self) -> bool:
-        """Answer the last user message. On failure the message is taken back and the session goes on."""
+        """Answer the last user message; False (and the history unchanged) when no reply could be made."""
         from chat.generation import ReplyStream
 
         try:
@@ -106,7 +110,6 @@ class Session:
                 user_label=self.options.user,
             )
         except ChatError as why:
-            self.conversation.messages.pop()
             self.error(str(why))
             return False
         if prompt.dropped:
@@ -124,7 +127,6 @@ class Session:
         except KeyboardInterrupt:
             stream.finish = "interrupted"
         except Exception as why:  # a failing model must not end the session
-            self.conversation.messages.pop()
             print(file=self.out)
             self.error(f"the model failed: {why}" + ("" if self.options.verbose else " (--verbose shows more)"))
             if self.options.verbose:

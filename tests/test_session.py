@@ -123,6 +123,15 @@ def test_undo(session):
     assert [m["content"] for m in session.conversation.messages if m["role"] == "user"] == ["One"]
 
 
+def test_regen_that_fails_keeps_message_and_reply(session):
+    session.ask("Hello")
+    before = list(session.conversation.messages)
+    session.handle("!set max_new_tokens=1000")  # over the tiny model's 256-token context
+    session.handle("!regen")
+    assert "leaves no room" in output(session)[1]
+    assert session.conversation.messages == before
+
+
 def test_regen_without_message(session):
     session.handle("!regen")
     assert "nothing to regenerate" in output(session)[0]
