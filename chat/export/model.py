@@ -85,10 +85,7 @@ class Layer(nn.Module):
             # The norm weight and sqrt(hidden) (see _unit_norm) scale the matmul's inputs: into the weight's columns.
             root = shape.hidden_size**0.5
             w = dict(w, wqkv=w["wqkv"] * (w["ln1"] * root), wup=w["wup"] * (w["ln2"] * root), ln1=None, ln2=None)
-            # _unit_norm's eps term as a tensor, for torch.hypot
-            self.register_buffer(
-                "norm_eps", torch.tensor((shape.hidden_size * shape.norm_eps) ** 0.5, dtype=w["wup"].dtype)
-            )
+        self.register_buffer("norm_eps", _eps_root(shape, for_cuda, w["wqkv"].device))
         for name, tensor in w.items():
             if name in transposed and tensor is not None:
                 tensor = tensor.t().contiguous()
@@ -148,7 +145,7 @@ class Layer(nn.Module):
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fold_norms:
             return _unit_norm(x, self.norm_eps)
-        return _norm(self.shape, x, weight, bias, self.for_cuda)
+        return _norm(self.shape, x, weight, bias, self.for_cuda, self.norm_eps)
 
     def _add_linear(self, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, name: str):
         """x + linear(h); on the CPU float32 decode path one addmv where it can be (one op fewer)."""
@@ -184,6 +181,7 @@ class LeanLM(nn.Module):
         self.embed_transposed = self.head_transposed and top["lm_head"] is None
         for name, tensor in top.items():
             self.register_buffer(name, tensor)
+        self.register_buffer("norm_eps", _eps_root(shape, for_cuda, top["embed"].device))
         self.register_buffer("cos", rope[0] if rope else None)
         self.register_buffer("sin", rope[1] if rope else None)
         # On CPU in float32 one token's RoPE is a matmul by a matrix made once per step: diag(cos) + swap * sin,
@@ -211,7 +209,7 @@ class LeanLM(nn.Module):
             rope = torch.diag(rope[0][0, 0]) + self.rope_swap * rope[1][0]
         for block in self.blocks:
             x = block.forward_tokens(x, positions, window, rope, mask)
-        x = _norm(self.shape, x if one else x[-1], self.norm_w, self.norm_b, self.for_cuda)
+        x = _norm(self.shape, x if one else x[-1], self.norm_w, self.norm_b, self.for_cuda, self.norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
         return linear(x, head, None, self.head_transposed)
 
@@ -238,16 +236,32 @@ def allocate_cache(module: nn.Module, shape: Shape, max_len: int, dtype: torch.d
         block.v_cache = torch.zeros(1, shape.kv_heads, max_len, shape.head_dim, dtype=dtype, device=device)
 
 
-def _norm(shape: Shape, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fused: bool) -> torch.Tensor:
-    if shape.norm == "rms" and fused:
+def _norm(
+    shape: Shape,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fused: bool,
+    eps_root: torch.Tensor | None,
+) -> torch.Tensor:
+    if shape.norm == "layer":
+        return F.layer_norm(x, (shape.hidden_size,), weight, bias, shape.norm_eps)
+    if fused:
         # One kernel: float math inside, one rounding at the end (transformers rounds before the weight).
         return F.rms_norm(x, (shape.hidden_size,), weight, shape.norm_eps)
-    if shape.norm == "rms":
-        # As transformers does: normalise in float32, cast back, then scale in the model's dtype.
-        if x.dtype == torch.float32:  # decided at trace time: no cast ops in a float32 graph
-            return weight * F.rms_norm(x, (shape.hidden_size,), eps=shape.norm_eps)
-        return weight * F.rms_norm(x.float(), (shape.hidden_size,), eps=shape.norm_eps).to(x.dtype)
-    return F.layer_norm(x, (shape.hidden_size,), weight, bias, shape.norm_eps)
+    # On CPU as transformers rounds: normalise in float32, cast back, then scale in the model's dtype; the
+    # float32 math as _unit_norm's few ops (F.rms_norm is about a tenth of a 16-bit decode step).
+    root = shape.hidden_size**0.5
+    if x.dtype == torch.float32:  # decided at trace time: no cast ops in a float32 graph
+        return weight * (_unit_norm(x, eps_root) * root)
+    return weight * (_unit_norm(x.float(), eps_root) * root).to(x.dtype)
+
+
+def _eps_root(shape: Shape, for_cuda: bool, device: torch.device) -> torch.Tensor | None:
+    """_unit_norm's eps term, sqrt(hidden * eps), as a float32 tensor for torch.hypot; None where unused."""
+    if shape.norm != "rms" or for_cuda:
+        return None
+    return torch.tensor((shape.hidden_size * shape.norm_eps) ** 0.5, dtype=torch.float32, device=device)
 
 
 def _unit_norm(x: torch.Tensor, eps_root: torch.Tensor) -> torch.Tensor:
