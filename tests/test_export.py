@@ -226,6 +226,20 @@ def test_bench_runs_both_backends(tiny_llama, tmp_path):
     assert run["floor_tok_s"] > 0 and "| float32 | 8 | torchscript |" in done.stdout
 
 
+def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
+    """scripts/profile_decode.py, the tool that says where a decode step goes, runs on an artifact."""
+    artifact = export(str(tiny_llama), tmp_path / "ts", max_len=64)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "profile_decode.py"), str(artifact), "--context=9", "--steps=3"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "aten::scaled_dot_product_attention" in done.stdout
+    assert "9 cached tokens, 3 steps" in done.stdout and "aten calls" in done.stdout
+
+
 def test_manifest_shape_fields_match_the_module():
     import dataclasses
 
