@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -150,7 +149,3 @@ def device_problem(manifest: dict[str, Any], cuda_available: bool) -> str | None
     if manifest["device"] == "cuda" and not cuda_available:
         return "it was exported for CUDA and CUDA is not available here; export one with --device=cpu"
     return None
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -34,6 +34,8 @@ Options:
   --backend=NAME               auto, torchscript or transformers [default: auto].
   --device=DEVICE              auto, cpu, cuda or cuda:N [default: auto].
   --dtype=DTYPE                auto, float32, bfloat16 or float16 [default: auto].
+  --threads=N                  CPU threads (default: one per CPU, or $OMP_NUM_THREADS); fewer
+                               help when other programs keep the CPU busy.
   --max-new-tokens=N           Most tokens in one reply (default {DEFAULTS.max_new_tokens}).
   --min-new-tokens=N           Fewest tokens before a reply may end (default {DEFAULTS.min_new_tokens}).
   --temperature=T              Randomness; 0 is greedy (default {DEFAULTS.temperature}*).
@@ -84,6 +86,7 @@ class Options:
     backend: str
     device: str
     dtype: str
+    threads: int | None
     param_changes: dict[str, Any]  # generation parameters given on the command line
     system: str | None
     user: str
@@ -129,6 +132,12 @@ def parse_args(argv: list[str]) -> Options:
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not '{device}'")
 
+    threads = None
+    if args["--threads"] is not None:
+        threads = int(args["--threads"]) if args["--threads"].isdigit() else 0
+        if not 1 <= threads <= 4096:
+            raise UsageError(f"--threads must be a whole number of at least 1, not '{args['--threads']}'")
+
     values = {}
     for option, name in PARAM_OPTIONS.items():
         if args[option] is not None:
@@ -171,6 +180,7 @@ def parse_args(argv: list[str]) -> Options:
         backend=args["--backend"],
         device=device,
         dtype=args["--dtype"],
+        threads=threads,
         param_changes=values,
         system=args["--system"],
         user=user,

@@ -50,7 +50,7 @@ def do_status(session: Session, rest: str) -> None:
     rows = [
         ("model", f"{info.model} ({info.path})" if info.path != info.model else info.model),
         ("backend", f"{info.name}" + (f" ({info.reason})" if info.reason else "")),
-        ("device", f"{info.device}, {info.dtype}"),
+        ("device", f"{info.device}, {info.dtype}" + (_threads(info.threads) if info.device == "cpu" else "")),
         ("parameters", params),
         ("system", history.system if history.system else "(none)"),
         (
@@ -142,3 +142,7 @@ def run_command(session: Session, line: str) -> None:
         command.run(session, rest.strip())
     except ChatError as why:
         session.error(str(why))
+
+
+def _threads(count: int) -> str:
+    return f", {count} thread" + ("s" if count != 1 else "")

@@ -172,6 +172,7 @@ def load_session(options: Options) -> Session:
         model=options.model,
         device=options.device,
         dtype=options.dtype,
+        threads=options.threads,
         offline=options.offline,
         trust_remote_code=options.trust_remote_code,
     )

@@ -173,9 +173,9 @@ def measure_floor(model: str, device: str, dtypes: str, **_) -> dict:
     import torch.nn.functional as F
     from safetensors import safe_open
 
-    from chat.artifact import default_threads
+    from chat.backends.base import cpu_threads
 
-    torch.set_num_threads(default_threads())
+    torch.set_num_threads(cpu_threads())
     dtype = getattr(torch, dtypes)
     shapes = []
     for path in sorted(Path(model).glob("*.safetensors")):

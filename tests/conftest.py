@@ -96,6 +96,16 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama_artifact(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama exported to TorchScript for the CPU in float32."""
+    from helpers import ARTIFACT_MAX_LEN
+
+    from chat.export import export
+
+    return export(str(tiny_llama), tmp_path_factory.mktemp("ts") / "llama", max_len=ARTIFACT_MAX_LEN)
+
+
+@pytest.fixture(scope="session")
 def demo_model() -> Path:
     """The real demo model; `make test` fetches it first, so in CI this never skips."""
     if not (DEMO_MODEL / ".complete").is_file():

@@ -12,6 +12,7 @@ from chat.conversation import Conversation
 from chat.params import GenerationParams
 from chat.session import Session
 
+ARTIFACT_MAX_LEN = 64  # the context of the tiny test artifacts
 _BACKENDS: dict[str, TransformersBackend] = {}
 
 

@@ -78,6 +78,8 @@ def test_options_parsed(tiny_llama, tmp_path):
             "cpu",
             "--dtype",
             "float32",
+            "--threads",
+            "3",
             "--offline",
             "--trust-remote-code",
         ]
@@ -94,7 +96,8 @@ def test_options_parsed(tiny_llama, tmp_path):
     assert options.system == "Be kind" and options.user == "Ana" and not options.stream
     assert options.context_policy == "error" and options.save_dir == tmp_path
     assert options.backend == "transformers" and options.device == "cpu" and options.dtype == "float32"
-    assert options.offline and options.trust_remote_code
+    assert options.offline and options.trust_remote_code and options.threads == 3
+    assert parse_args([str(tiny_llama)]).threads is None
 
 
 BAD = [
@@ -112,6 +115,8 @@ BAD = [
     (["--backend", "onnx"], "--backend must be one of auto, torchscript, transformers"),
     (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--dtype", "int8"], "--dtype must be one of"),
+    (["--threads", "0"], "--threads must be a whole number of at least 1, not '0'"),
+    (["--threads", "two"], "--threads must be a whole number of at least 1, not 'two'"),
     (["--context-policy", "shrug"], "--context-policy must be one of drop-oldest, error"),
     (["--user", "a:b"], "--user must be a short label"),
     (["--prompt", "  "], "--prompt is empty"),

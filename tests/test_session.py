@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
+import torch
 from helpers import make_session, output
+
+from chat.backends.base import LoadOptions, cpu_threads
+from chat.cli import parse_args
+from chat.session import load_session
 
 
 @pytest.fixture
@@ -94,8 +100,35 @@ def test_status_shows_everything(session):
         "last reply",
         "tok/s",
         "first token",
+        f"cpu, float32, {torch.get_num_threads()} thread",
     ):
         assert word in out
+
+
+@pytest.mark.parametrize("backend", ["transformers", "torchscript"])
+def test_threads_option_sets_torch_threads(request, backend):
+    model = request.getfixturevalue("tiny_llama" if backend == "transformers" else "llama_artifact")
+    before = torch.get_num_threads()
+    try:
+        session = load_session(parse_args([str(model), "--threads", "1", "--backend", backend]))
+        assert torch.get_num_threads() == 1 and session.backend.info.threads == 1
+        session.out, session.err = io.StringIO(), io.StringIO()
+        session.handle("!status")
+        assert "cpu, float32, 1 thread\n" in output(session)[0]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_threads_default(monkeypatch):
+    import os
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads() == 1
+    assert cpu_threads(LoadOptions(model="m", threads=3)) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "lots")
+    assert cpu_threads() == len(os.sched_getaffinity(0))
 
 
 def test_clear_keeps_system(tiny_llama):

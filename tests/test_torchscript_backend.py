@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ARTIFACT_MAX_LEN as MAX_LEN
 
 from chat.backends.base import LoadOptions
 from chat.backends.torchscript_backend import TorchScriptBackend
@@ -17,13 +18,6 @@ from chat.errors import ChatError
 from chat.export import export
 from chat.generation import ReplyStream
 from chat.params import GenerationParams
-
-MAX_LEN = 64
-
-
-@pytest.fixture(scope="session")
-def llama_artifact(tiny_llama, tmp_path_factory) -> Path:
-    return export(str(tiny_llama), tmp_path_factory.mktemp("ts") / "llama", max_len=MAX_LEN)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ conditions and streaming text live in `chat.generation`, shared by all backends.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -27,6 +28,7 @@ class LoadOptions:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     offline: bool = False
     trust_remote_code: bool = False
+    threads: int | None = None  # CPU threads for torch; None: cpu_threads()
 
 
 @dataclass
@@ -37,6 +39,7 @@ class BackendInfo:
     device: str  # torch device string, e.g. "cpu", "cuda:0"
     dtype: str  # "float32", "bfloat16", ...
     context_length: int  # most tokens one sequence may hold (prompt + reply)
+    threads: int = 0  # CPU threads torch uses
     reason: str = ""  # why this backend was chosen (shown by !status)
     notes: list[str] = field(default_factory=list)  # e.g. why auto fell back
 
@@ -75,6 +78,19 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def cpu_threads(options: LoadOptions | None = None) -> int:
+    """CPU threads for torch: --threads, else OMP_NUM_THREADS, else every CPU this process may run on.
+
+    One thread per CPU is fastest on an idle machine; when other programs keep CPUs busy, fewer threads
+    avoid waiting on a thread that is not running (a busy core can slow a step several times over)."""
+    if options is not None and options.threads:
+        return options.threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

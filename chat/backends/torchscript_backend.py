@@ -17,11 +17,10 @@ from chat.artifact import (
     ArtifactError,
     HashCheck,
     check_sizes,
-    default_threads,
     device_problem,
     read_manifest,
 )
-from chat.backends.base import BackendInfo, LoadOptions, common_prefix
+from chat.backends.base import BackendInfo, LoadOptions, common_prefix, cpu_threads
 from chat.errors import ChatError
 from chat.export.model import Shape, allocate_cache, quiet_torchscript
 from chat.tokenizer import FastTokenizer
@@ -44,7 +43,7 @@ class TorchScriptBackend:
                 f"export one with --dtype={options.dtype}, or leave --dtype at auto"
             )
         hashes = HashCheck(directory, manifest)
-        torch.set_num_threads(default_threads())
+        torch.set_num_threads(cpu_threads(options))
         try:
             with quiet_torchscript():
                 module = torch.jit.load(str(directory / MODEL_FILE), map_location=device)
@@ -75,6 +74,7 @@ class TorchScriptBackend:
             device=str(device),
             dtype=manifest["dtype"],
             context_length=self.max_len,
+            threads=torch.get_num_threads(),
         )
         self._device = device
         self._chunk = PREFILL_CHUNK[device.type]

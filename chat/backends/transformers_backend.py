@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from chat.backends.base import BackendInfo, LoadOptions, Message, common_prefix
+from chat.backends.base import BackendInfo, LoadOptions, Message, common_prefix, cpu_threads
 from chat.errors import ChatError, UsageError
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds memory and keeps Ctrl+C responsive
@@ -134,6 +134,7 @@ class TransformersBackend:
         config = check_model_dir(path, options.trust_remote_code)
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
+        torch.set_num_threads(cpu_threads(options))
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         common = {"trust_remote_code": options.trust_remote_code, "local_files_only": True}
@@ -165,6 +166,7 @@ class TransformersBackend:
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
             context_length=_context_length(model.config),
+            threads=torch.get_num_threads(),
         )
         self._device = device
         # transformers 5.x renamed past_key_values to cache; older versions only know the former.
