@@ -21,7 +21,8 @@ Every measurement runs in its own process, so each backend's peak memory is its 
 driven through the same chat.generation.ReplyStream, greedy, with min_new_tokens = max_new_tokens so that
 EOS does not end a reply early. The TorchScript artifact is MODEL/torchscript/DEVICE-DTYPE, exported first
 (without --verify) if it is not there. On CPU the floor is the time of the weight matmuls of one token
-(F.linear, M=1, the checkpoint's own weight shapes), measured in the same run.
+(F.linear, M=1, the checkpoint's own weight shapes), measured in the same run and as decode is: the mean
+over the reply's tokens, best of the runs.
 """
 
 from __future__ import annotations
@@ -167,8 +168,11 @@ def measure_backend(kind: str, model: str, device: str, dtypes: str, prompts: st
 EMBEDDINGS = ("embed", "wte", "wpe")  # looked up, not multiplied
 
 
-def measure_floor(model: str, device: str, dtypes: str, **_) -> dict:
-    """Seconds for the weight matmuls of one token (M=1) with the checkpoint's own weight shapes."""
+def measure_floor(model: str, device: str, dtypes: str, new_tokens: int, repeats: int, **_) -> dict:
+    """Tokens per second if a token cost only its weight matmuls (M=1, the checkpoint's own weight shapes).
+
+    Measured as decode is: the mean over new_tokens - 1 tokens, best of `repeats` runs. (The best single
+    pass would catch a quiet moment of a shared machine that a 256-token reply does not.)"""
     import torch
     import torch.nn.functional as F
     from safetensors import safe_open
@@ -189,15 +193,17 @@ def measure_floor(model: str, device: str, dtypes: str, **_) -> dict:
         shapes.append([config["vocab_size"], config.get("hidden_size") or config.get("n_embd")])
     weights = [torch.randn(*s).to(dtype) for s in shapes]
     x = {s[1]: torch.randn(1, s[1]).to(dtype) for s in shapes}
+    tokens = max(1, new_tokens - 1)
     with torch.inference_mode():
         for w in weights:
             F.linear(x[w.shape[1]], w)
         best = float("inf")
-        for _ in range(20):
+        for _ in range(repeats):
             started = time.perf_counter()
-            for w in weights:
-                F.linear(x[w.shape[1]], w)
-            best = min(best, time.perf_counter() - started)
+            for _ in range(tokens):
+                for w in weights:
+                    F.linear(x[w.shape[1]], w)
+            best = min(best, (time.perf_counter() - started) / tokens)
     return {"tok_s": 1 / best, "matmuls": len(shapes), "weight_mib": sum(w.nbytes for w in weights) / 2**20}
 
 

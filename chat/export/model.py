@@ -216,8 +216,9 @@ class LeanLM(nn.Module):
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         """Run a chunk of tokens at `positions` (the keys are `window`, up to the chunk's end); last logits."""
         groups = self.shape.heads // self.shape.kv_heads
-        mask = (window.unsqueeze(0) <= positions.unsqueeze(1)).repeat(groups, 1)
-        return self._run(ids, positions, window, mask, one=False)
+        # Additive, in the model's dtype, made once: SDPA would convert a boolean mask in every layer.
+        mask = torch.where(window.unsqueeze(0) <= positions.unsqueeze(1), 0.0, float("-inf"))
+        return self._run(ids, positions, window, mask.to(self.norm_w.dtype).repeat(groups, 1), one=False)
 
     def decode(self, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         """One token; on CPU `window` is exactly the filled prefix, on CUDA a bucket masked past the token."""
