@@ -32,24 +32,47 @@ def test_min_new_tokens_blocks_eos():
     assert sampler(temperature=0, min_new_tokens=3).choose(logits, context, 3) == 2
 
 
-def _kept(params: GenerationParams, logits: torch.Tensor, trials: int = 400) -> set[int]:
-    s = Sampler(params, set(), torch.Generator().manual_seed(0))
-    return {s.choose(logits, torch.tensor([0]), 5) for _ in range(trials)}
-
-
-@pytest.mark.parametrize(("top_k", "top_p"), [(5, 1.0), (0, 0.8), (10, 0.5)])
-def test_top_k_top_p_keep_what_transformers_keeps(top_k, top_p):
+def _transformers_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    logits = torch.linspace(0, 4, 20)
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7)])
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_k:
         warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1:
         warpers.append(TopPLogitsWarper(top_p))
-    allowed = set(torch.nonzero(torch.isfinite(warpers(None, logits[None].clone())[0])).flatten().tolist())
-    kept = _kept(GenerationParams(temperature=0.7, top_k=top_k, top_p=top_p), logits)
-    assert kept <= allowed and len(kept) >= len(allowed) - 1  # rare tail tokens may go unsampled
+    return warpers(None, logits[None].clone())[0].softmax(-1)
+
+
+# Small and vocabulary-sized logits; peaked ones (top-p's head holds the mass) and flat ones (it does not).
+LOGITS = {
+    "ramp": torch.linspace(0, 4, 20),
+    "peaked": torch.randn(49152, generator=torch.Generator().manual_seed(4)) * 4,
+    "flat": torch.randn(49152, generator=torch.Generator().manual_seed(5)) * 0.2,
+}
+
+
+@pytest.mark.parametrize("name", LOGITS)
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.7, 5, 1.0), (0.7, 0, 0.8), (1.0, 10, 0.5), (0.2, 50, 0.9)]
+)
+def test_distribution_is_what_transformers_samples_from(name, temperature, top_k, top_p):
+    logits = LOGITS[name]
+    s = Sampler(GenerationParams(temperature=temperature, top_k=top_k, top_p=top_p), set(), torch.Generator())
+    ids, probs = s.distribution(logits)
+    candidates = torch.zeros_like(logits)
+    candidates[torch.arange(logits.numel()) if ids is None else ids] = probs
+    expected = _transformers_probs(logits, temperature, top_k, top_p)
+    for ours in (candidates, s.masked(logits)):  # the CPU way and the GPU way
+        assert torch.equal(ours > 0, expected > 0)  # the same tokens may be sampled
+        assert torch.allclose(ours, expected, atol=1e-6)
+
+
+def test_samples_follow_the_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0, -30.0])
+    s = sampler(temperature=1.0, top_k=0, top_p=1.0)
+    picks = [s.choose(logits, torch.tensor([0]), 5) for _ in range(3000)]
+    counts = torch.bincount(torch.tensor(picks), minlength=4).float() / len(picks)
+    assert torch.allclose(counts, logits.softmax(-1), atol=0.03)
 
 
 def test_repetition_penalty_matches_transformers():
@@ -85,7 +108,7 @@ def _reply(backend, prompt_ids, params, stops=()):
 def test_stop_string_cuts_reply_and_is_never_shown(tiny_llama):
     backend = backend_for(tiny_llama)
     prompt = backend.tokenizer.encode("Hello", add_special_tokens=False)
-    params = GenerationParams(temperature=1.0, top_k=0, max_new_tokens=30, seed=7)
+    params = GenerationParams(temperature=1.0, top_k=0, max_new_tokens=30, min_new_tokens=30, seed=7)
     free = _reply(backend, prompt, params)
     assert free.finish == "length" and len(free.text) > 12
     stop = free.text[8:11]
