@@ -240,6 +240,29 @@ def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
     assert "9 cached tokens, 3 steps" in done.stdout and "aten calls" in done.stdout
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_cuda_forms_give_transformers_logits_on_cpu(request, model):
+    """The module as exported for CUDA (fused norms, RoPE by cat, decode over a masked cache bucket), traced
+    and run on the CPU: GPU machines are rare, so its arithmetic is checked on every test run."""
+    from transformers import AutoModelForCausalLM
+
+    from chat.export import trace
+    from chat.export.families import convert
+    from chat.export.model import LeanLM
+
+    hf = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(model), dtype=torch.float32).eval()
+    shape, top, layers, rope = convert(hf, 64)
+    module = trace(LeanLM(shape, top, layers, rope, for_cuda=True, transposed=set()).eval(), 64, torch.device("cpu"))
+    ids, positions = list(range(5, 16)), torch.arange(64)
+    with torch.no_grad():
+        expected = hf(torch.tensor([[*ids, 7]])).logits[0]
+        prefill = module.prefill(torch.tensor(ids), positions[:11], positions[:11])
+        # Slots 12..31 of the bucket hold what tracing left there: the mask must keep them out.
+        decode = module.decode(torch.tensor([7]), positions[11:12], positions[:32])
+    assert torch.allclose(prefill, expected[10], atol=1e-4)
+    assert torch.allclose(decode, expected[11], atol=1e-4)
+
+
 def test_manifest_shape_fields_match_the_module():
     import dataclasses
 
