@@ -68,6 +68,9 @@ EOF
 step "kernels of one decode step (bf16, 64 cached tokens; the work toward 1500 tok/s starts here)"
 timeout 120 python3 scripts/profile_decode.py "$MODEL/torchscript/cuda-bfloat16" --context=64 --rows=30
 
+step "candidate changes to the decode step, A/B (scripts/gpu_experiments.py)"
+timeout 240 python3 scripts/gpu_experiments.py "$MODEL"
+
 step "bench (both backends, bf16)"
 timeout 300 python3 scripts/bench.py --model="$MODEL" --device=cuda --dtypes=bfloat16 --repeats=2 --out="$OUT"
 step done

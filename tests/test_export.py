@@ -240,6 +240,19 @@ def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
     assert "9 cached tokens, 3 steps" in done.stdout and "aten calls" in done.stdout
 
 
+def test_gpu_experiments_script_runs(tiny_llama):
+    """scripts/gpu_experiments.py, prepared for the GPU sessions, runs end to end (on the CPU here)."""
+    script = SCRIPT.parent / "gpu_experiments.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_llama), "--device=cpu", "--dtype=float32", "--tokens=2"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "baseline" in done.stdout and "fused_residual" in done.stdout
+
+
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
 def test_cuda_forms_give_transformers_logits_on_cpu(request, model):
     """The module as exported for CUDA (fused norms, RoPE by cat, decode over a masked cache bucket), traced
