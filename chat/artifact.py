@@ -119,7 +119,8 @@ def check_sizes(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 class HashCheck:
-    """Hashes the artifact's files in a thread, so that it costs little beside torch.jit.load reading them."""
+    """Hashes an artifact's files in a thread. torch.jit.load holds the GIL, so little hashing gets done beside
+    it; a check started before torch is imported (prefetch_hashes) is done by the time the model loads."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any]):
         self._directory, self._manifest = directory, manifest
@@ -149,3 +150,27 @@ def device_problem(manifest: dict[str, Any], cuda_available: bool) -> str | None
     if manifest["device"] == "cuda" and not cuda_available:
         return "it was exported for CUDA and CUDA is not available here; export one with --device=cpu"
     return None
+
+
+_prefetched: dict[Path, HashCheck] = {}
+
+
+def prefetch_hashes(directory: Path) -> None:
+    """Start hashing an artifact before torch is imported, which takes a second and one core; the backend
+    takes the running check over (hash_check)."""
+    try:
+        manifest = read_manifest(directory)
+    except ArtifactError:
+        return  # reported if this artifact is the one chosen
+    _prefetched[directory.resolve()] = HashCheck(directory, manifest)
+
+
+def hash_check(directory: Path, manifest: dict[str, Any]) -> HashCheck:
+    """The check prefetch_hashes started for this directory and manifest, or a new one."""
+    early = _prefetched.pop(directory.resolve(), None)
+    return early if early is not None and early._manifest == manifest else HashCheck(directory, manifest)
+
+
+def drop_prefetched() -> None:
+    """Forget checks not taken, so that a later load (of files changed since) hashes afresh."""
+    _prefetched.clear()

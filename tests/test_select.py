@@ -181,3 +181,27 @@ def test_every_path_failing_names_each_cause(model):
 def test_find_artifact_reports_a_hub_id():
     artifact, why = find_artifact(LoadOptions(model="HuggingFaceTB/SmolLM2-135M-Instruct"))
     assert artifact is None and "not a local directory" in why
+
+
+def test_hashing_starts_before_torch_on_the_likely_artifact(model, monkeypatch):
+    """The artifact's hash check starts before torch is imported (it then overlaps that import) and is the
+    one the backend waits on; a file changed after one load is still caught by the next."""
+    import chat.artifact
+    from chat.backends.select import _likely_artifact
+
+    artifact = artifact_of(model)
+    assert _likely_artifact(LoadOptions(model=str(model), device="cpu", dtype="float32")) == artifact
+    assert _likely_artifact(LoadOptions(model=str(artifact))) == artifact
+    started = []
+
+    class Counted(chat.artifact.HashCheck):
+        def __init__(self, *args):
+            super().__init__(*args)
+            started.append(self)
+
+    monkeypatch.setattr(chat.artifact, "HashCheck", Counted)
+    load(model, "torchscript", dtype="float32")
+    assert len(started) == 1 and chat.artifact._prefetched == {}
+    change(artifact)
+    with pytest.raises(ChatError, match="sha256 differs"):
+        load(model, "torchscript", dtype="float32")

@@ -13,7 +13,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from chat.artifact import ARTIFACTS_SUBDIR, MANIFEST, artifact_dir_for, is_artifact
+from chat.artifact import (
+    ARTIFACTS_SUBDIR,
+    MANIFEST,
+    artifact_dir_for,
+    drop_prefetched,
+    is_artifact,
+    prefetch_hashes,
+)
 from chat.backends.base import Backend, LoadOptions
 from chat.errors import ChatError, UsageError
 
@@ -25,6 +32,16 @@ def load_backend(options: LoadOptions, choice: str = "auto") -> Backend:
         raise UsageError(f"--backend {choice}: use one of {', '.join(CHOICES)}")
     if choice == "transformers":
         return _transformers_only(options)
+    likely = _likely_artifact(options)
+    if likely is not None:
+        prefetch_hashes(likely)
+    try:
+        return _load_preferring_torchscript(options, choice)
+    finally:
+        drop_prefetched()
+
+
+def _load_preferring_torchscript(options: LoadOptions, choice: str) -> Backend:
     artifact, why = find_artifact(options)
     if choice == "torchscript":
         if artifact is None:
@@ -111,6 +128,27 @@ def source_checkpoint(artifact: Path, options: LoadOptions) -> Path | None:
         if (candidate / "config.json").is_file():
             return candidate
     return None
+
+
+def _likely_artifact(options: LoadOptions) -> Path | None:
+    """The artifact find_artifact will most likely pick, guessed without importing torch (a wrong guess
+    costs some hashing, nothing else): CUDA where an NVIDIA driver is loaded, bfloat16 on a CPU that lists
+    AVX-512 BF16 or AMX."""
+    path = Path(options.model).expanduser()
+    if not path.is_dir() or is_artifact(path):
+        return path if path.is_dir() else None
+    device = options.device
+    if device == "auto":
+        device = "cuda" if Path("/proc/driver/nvidia/version").is_file() else "cpu"
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = options.dtype
+    if dtype == "auto":
+        try:
+            native_bf16 = any(flag in Path("/proc/cpuinfo").read_text() for flag in ("avx512_bf16", "amx_bf16"))
+        except OSError:
+            native_bf16 = False
+        dtype = "bfloat16" if device_type == "cuda" or native_bf16 else "float32"
+    return artifact_dir_for(path, device_type, dtype)
 
 
 def _device_type(device: str) -> str:

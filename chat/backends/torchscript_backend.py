@@ -15,9 +15,9 @@ import torch
 from chat.artifact import (
     MODEL_FILE,
     ArtifactError,
-    HashCheck,
     check_sizes,
     device_problem,
+    hash_check,
     read_manifest,
 )
 from chat.backends.base import BackendInfo, LoadOptions, common_prefix, cpu_threads
@@ -42,7 +42,7 @@ class TorchScriptBackend:
                 f"{directory} holds {manifest['dtype']} weights, not {options.dtype}; "
                 f"export one with --dtype={options.dtype}, or leave --dtype at auto"
             )
-        hashes = HashCheck(directory, manifest)
+        hashes = hash_check(directory, manifest)
         torch.set_num_threads(cpu_threads(options))
         try:
             with quiet_torchscript():
