@@ -114,7 +114,7 @@ class Layer(nn.Module):
         if isinstance(rope, torch.Tensor):  # one token on CPU in float32: RoPE as one small matmul
             qk = torch.matmul(qk, rope)
         elif rope is not None:
-            qk = _rotate(qk, rope[0], rope[1], s.rotary_dim, self.for_cuda)
+            qk = _rotate(qk, rope[0], rope[1], s.rotary_dim)
         q, k = qk.split([s.heads, s.kv_heads], dim=1)
         v = v.reshape(1, -1, 1, s.head_dim) if one else v.reshape(-1, s.kv_heads, s.head_dim)
         # Caches are (1, kv_heads, max_len, head_dim); new keys go in at their positions.
@@ -271,14 +271,14 @@ def _unit_norm(x: torch.Tensor, eps_root: torch.Tensor) -> torch.Tensor:
     return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps_root)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, fusible: bool) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """RoPE (rotate-half form) on the first rotary_dim features of every head; sin has its sign folded in.
 
-    The halves are swapped by roll (one op, for CPU) or by cat of slices, which TorchScript's CUDA fuser
-    merges with the products into one kernel."""
+    The halves are swapped by a cat of two slices: TorchScript's CUDA fuser merges it with the products
+    into one kernel, and on CPU it costs half of torch.roll (which slices and cats inside)."""
     rot, rest = (x[..., :rotary_dim], x[..., rotary_dim:]) if rotary_dim < x.size(-1) else (x, None)
     half = rotary_dim // 2
-    swapped = torch.cat([rot[..., half:], rot[..., :half]], dim=-1) if fusible else torch.roll(rot, half, -1)
+    swapped = torch.cat([rot[..., half:], rot[..., :half]], dim=-1)
     out = rot * cos + swapped * sin
     return out if rest is None else torch.cat([out, rest], dim=-1)
 
