@@ -123,14 +123,14 @@ class HashCheck:
     it; a check started before torch is imported (prefetch_hashes) is done by the time the model loads."""
 
     def __init__(self, directory: Path, manifest: dict[str, Any]):
-        self._directory, self._manifest = directory, manifest
+        self.directory, self.manifest = directory, manifest
         self._error: ArtifactError | None = None
         self._thread = threading.Thread(target=self._run, name="artifact-hash", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        for name, entry in self._manifest["files"].items():
-            path = self._directory / name
+        for name, entry in self.manifest["files"].items():
+            path = self.directory / name
             try:
                 digest = sha256_file(path)
             except OSError as why:
@@ -168,7 +168,7 @@ def prefetch_hashes(directory: Path) -> None:
 def hash_check(directory: Path, manifest: dict[str, Any]) -> HashCheck:
     """The check prefetch_hashes started for this directory and manifest, or a new one."""
     early = _prefetched.pop(directory.resolve(), None)
-    return early if early is not None and early._manifest == manifest else HashCheck(directory, manifest)
+    return early if early is not None and early.manifest == manifest else HashCheck(directory, manifest)
 
 
 def drop_prefetched() -> None:

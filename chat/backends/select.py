@@ -135,8 +135,10 @@ def _likely_artifact(options: LoadOptions) -> Path | None:
     costs some hashing, nothing else): CUDA where an NVIDIA driver is loaded, bfloat16 on a CPU that lists
     AVX-512 BF16 or AMX."""
     path = Path(options.model).expanduser()
-    if not path.is_dir() or is_artifact(path):
-        return path if path.is_dir() else None
+    if not path.is_dir():
+        return None
+    if is_artifact(path):
+        return path
     device = options.device
     if device == "auto":
         device = "cuda" if Path("/proc/driver/nvidia/version").is_file() else "cpu"
