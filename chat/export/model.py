@@ -275,7 +275,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: i
     """RoPE (rotate-half form) on the first rotary_dim features of every head; sin has its sign folded in.
 
     The halves are swapped by a cat of two slices: TorchScript's CUDA fuser merges it with the products
-    into one kernel, and on CPU it costs half of torch.roll (which slices and cats inside)."""
+    into one kernel, and on CPU it is what torch.roll does inside."""
     rot, rest = (x[..., :rotary_dim], x[..., rotary_dim:]) if rotary_dim < x.size(-1) else (x, None)
     half = rotary_dim // 2
     swapped = torch.cat([rot[..., half:], rot[..., :half]], dim=-1)
