@@ -103,6 +103,17 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     )
     if not valid:
         raise ArtifactError(f"{path} has invalid values (dtype, device, max_len or shape); {fix}")
+    for name, entry in manifest["files"].items():
+        # Plain names in the artifact directory, each with its size and hash.
+        if not (
+            isinstance(name, str)
+            and name == Path(name).name
+            and name not in ("", ".", "..")
+            and isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            raise ArtifactError(f"{path} lists the file {name!r} without a plain name, size and sha256; {fix}")
     return manifest
 
 
@@ -129,16 +140,21 @@ class HashCheck:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._error = self._first_problem()
+        except Exception:  # fails closed: whatever goes wrong, the artifact is not taken as verified
+            self._error = ArtifactError(f"{self.directory}: its files could not be checked; re-export the artifact")
+
+    def _first_problem(self) -> ArtifactError | None:
         for name, entry in self.manifest["files"].items():
             path = self.directory / name
             try:
                 digest = sha256_file(path)
             except OSError as why:
-                self._error = ArtifactError(f"{path} could not be read ({why}); re-export the artifact")
-                return
-            if digest != entry.get("sha256"):
-                self._error = ArtifactError(f"{path} was changed since export (sha256 differs); re-export the artifact")
-                return
+                return ArtifactError(f"{path} could not be read ({why}); re-export the artifact")
+            if digest != entry["sha256"]:
+                return ArtifactError(f"{path} was changed since export (sha256 differs); re-export the artifact")
+        return None
 
     def result(self) -> None:
         self._thread.join()

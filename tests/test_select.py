@@ -73,6 +73,18 @@ def remove_file(artifact: Path) -> None:
     (artifact / "tokenizer.json").unlink()
 
 
+def bad_file_entry(artifact: Path) -> None:
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["files"]["model.ts"] = 5
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+
+
+def escaping_file_name(artifact: Path) -> None:
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    manifest["files"]["../config.json"] = {"size": 1, "sha256": "0" * 64}
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
+
+
 def cuda_artifact(artifact: Path) -> None:
     _edit_manifest(artifact, device="cuda")
 
@@ -89,6 +101,8 @@ FAULTS = {
     "foreign manifest": (foreign_manifest, "not a chat TorchScript manifest"),
     "future format": (future_format, "format 99"),
     "invalid values": (bad_values, "invalid values"),
+    "file entry without size and hash": (bad_file_entry, "without a plain name, size and sha256"),
+    "file name outside the artifact": (escaping_file_name, "without a plain name, size and sha256"),
     "missing file": (remove_file, "missing"),
     "CUDA artifact without CUDA": (cuda_artifact, "CUDA is not available"),
 }
@@ -205,3 +219,17 @@ def test_hashing_starts_before_torch_on_the_likely_artifact(model, monkeypatch):
     change(artifact)
     with pytest.raises(ChatError, match="sha256 differs"):
         load(model, "torchscript", dtype="float32")
+
+
+def test_hash_check_fails_closed(model, monkeypatch):
+    """Anything unexpected while hashing refuses the artifact rather than taking it as verified."""
+    import chat.artifact
+
+    def broken(path):
+        raise ValueError("unexpected")
+
+    monkeypatch.setattr(chat.artifact, "sha256_file", broken)
+    artifact = artifact_of(model)
+    check = chat.artifact.HashCheck(artifact, chat.artifact.read_manifest(artifact))
+    with pytest.raises(ChatError, match="could not be checked"):
+        check.result()
