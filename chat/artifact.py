@@ -101,8 +101,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         and isinstance(manifest["shape"], dict)
         and set(manifest["shape"]) == SHAPE_FIELDS
     )
-    if not valid:
+    if not valid or not _valid_shape(manifest["shape"]):
         raise ArtifactError(f"{path} has invalid values (dtype, device, max_len or shape); {fix}")
+    eos = manifest["eos_token_ids"]
+    if not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
+        raise ArtifactError(f"{path} has invalid eos_token_ids (a list of token ids); {fix}")
     for name, entry in manifest["files"].items():
         # Plain names in the artifact directory, each with its size and hash.
         if not (
@@ -115,6 +118,21 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         ):
             raise ArtifactError(f"{path} lists the file {name!r} without a plain name, size and sha256; {fix}")
     return manifest
+
+
+def _valid_shape(shape: dict[str, Any]) -> bool:
+    def count(value: Any, least: int = 1) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    sizes = ("vocab_size", "hidden_size", "layers", "heads", "kv_heads", "head_dim")
+    return (
+        all(count(shape[k]) for k in sizes)
+        and count(shape["rotary_dim"], 0)
+        and shape["heads"] % shape["kv_heads"] == 0
+        and isinstance(shape["norm_eps"], (int, float))
+        and shape["norm"] in ("rms", "layer")
+        and all(isinstance(shape[k], str) for k in ("family", "activation"))
+    )
 
 
 def check_sizes(directory: Path, manifest: dict[str, Any]) -> None:

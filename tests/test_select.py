@@ -85,6 +85,15 @@ def escaping_file_name(artifact: Path) -> None:
     (artifact / MANIFEST).write_text(json.dumps(manifest))
 
 
+def bad_eos(artifact: Path) -> None:
+    _edit_manifest(artifact, eos_token_ids=5)
+
+
+def bad_shape(artifact: Path) -> None:
+    manifest = json.loads((artifact / MANIFEST).read_text())
+    _edit_manifest(artifact, shape={**manifest["shape"], "kv_heads": "x"})
+
+
 def cuda_artifact(artifact: Path) -> None:
     _edit_manifest(artifact, device="cuda")
 
@@ -101,6 +110,8 @@ FAULTS = {
     "foreign manifest": (foreign_manifest, "not a chat TorchScript manifest"),
     "future format": (future_format, "format 99"),
     "invalid values": (bad_values, "invalid values"),
+    "eos ids not a list": (bad_eos, "invalid eos_token_ids"),
+    "shape with a non-number": (bad_shape, "invalid values"),
     "file entry without size and hash": (bad_file_entry, "without a plain name, size and sha256"),
     "file name outside the artifact": (escaping_file_name, "without a plain name, size and sha256"),
     "missing file": (remove_file, "missing"),
