@@ -136,7 +136,7 @@ def parse_args(argv: list[str]) -> Options:
     if args["--threads"] is not None:
         threads = int(args["--threads"]) if args["--threads"].isdigit() else 0
         if not 1 <= threads <= 4096:
-            raise UsageError(f"--threads must be a whole number of at least 1, not '{args['--threads']}'")
+            raise UsageError(f"--threads must be a whole number from 1 to 4096, not '{args['--threads']}'")
 
     values = {}
     for option, name in PARAM_OPTIONS.items():

@@ -61,7 +61,8 @@ class Sampler:
         if p.top_p < 1.0:
             # As transformers' TopPLogitsWarper, which drops the least likely tokens while their total
             # is at most 1 - top_p: keep each token whose likelier tokens hold less than top_p.
-            count = int(((probs.cumsum(0) - probs) < p.top_p).sum())  # at least 1: the first has 0 before it
+            # The first token always stays (a top_p below float32's range would otherwise keep none).
+            count = max(1, int(((probs.cumsum(0) - probs) < p.top_p).sum()))
             ids, probs = ids[:count], probs[:count]
         return ids, probs / probs.sum()
 

@@ -22,6 +22,8 @@ def test_greedy_and_degenerate_sampling_pick_the_argmax():
     assert sampler(temperature=0).choose(logits, context, 0) == best
     assert sampler(temperature=5, top_k=1).choose(logits, context, 0) == best
     assert sampler(temperature=1, top_k=0, top_p=1e-6).choose(logits, context, 0) == best
+    for top_k in (0, 50):  # 1e-300 is 0 in float32: still the likeliest token, never none
+        assert sampler(temperature=1, top_k=top_k, top_p=1e-300).choose(logits, context, 0) == best
 
 
 def test_min_new_tokens_blocks_eos():
