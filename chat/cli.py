@@ -197,17 +197,27 @@ def parse_args(argv: list[str]) -> Options:
 
 def _docopt_problem(argv: list[str], message: str) -> str:
     """docopt prints the whole usage on any mistake; name the one problem instead."""
-    known = {line.split()[0].split("=")[0] for line in USAGE.splitlines() if line.strip().startswith("-")}
-    known |= {"-h", "--help"}
-    for arg in argv:
+    options = [line.split()[0] for line in USAGE.splitlines() if line.strip().startswith("-")]
+    known = {option.split("=")[0] for option in options} | {"-h", "--help"}
+    takes_value = {option.split("=")[0] for option in options if "=" in option}
+    seen, positional = set(), []
+    args = iter(argv)
+    for arg in args:
         name = arg.split("=", 1)[0]
-        if arg.startswith("-") and arg != "-" and name not in known:
+        if not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+            continue
+        if name not in known:
             import difflib
 
             close = difflib.get_close_matches(name, sorted(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             return f"unknown option {name}{hint} (see chat --help)"
-    positional = [a for a in argv if not a.startswith("-")]
+        if name in seen:
+            return f"{name} is given twice; give it once"
+        seen.add(name)
+        if name in takes_value and "=" not in arg:
+            next(args, None)  # its value
     if len(positional) > 1:
         return f"one MODEL at most, got {' '.join(positional)} (quote a --prompt or --system that has spaces)"
     first = message.strip().splitlines()[0] if message.strip() else "bad arguments"

@@ -122,6 +122,8 @@ BAD = [
     (["--prompt", "  "], "--prompt is empty"),
     (["--load", "/no/such/file.json"], "--load: no file"),
     (["--temprature", "1"], "unknown option --temprature; did you mean --temperature?"),
+    (["--top-k", "5", "--top-k", "7"], "--top-k is given twice; give it once"),
+    (["--prompt", "two words", "extra", "more"], "one MODEL at most"),
 ]
 
 
