@@ -75,7 +75,15 @@ def read_message(prompt: str, more: str, read: Callable[[str], str] = input) -> 
     if line.strip() != MULTILINE:
         return line
     lines = []
-    while (line := read(more)).strip() != MULTILINE:
+    while True:
+        try:
+            line = read(more)
+        except EOFError:
+            if not lines:
+                raise
+            break  # the end of input ends the block too: what was typed is sent, not lost
+        if line.strip() == MULTILINE:
+            break
         lines.append(line)
     return "\n".join(lines)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -131,6 +132,14 @@ def test_piped_stdin_replies_only(tiny_llama, tmp_path):
     out = result.stdout.splitlines()
     assert "User:" not in result.stdout and out[1] == "max_new_tokens=2" and len(out) == 3
     assert "unknown command !bogus" in result.stderr
+
+
+def test_block_left_open_at_end_of_input_is_still_sent():
+    from chat.terminal import piped_messages
+
+    text = 'first\n"""\nline one\nline two\n'
+    assert list(piped_messages(io.StringIO(text))) == ["first", "line one\nline two"]
+    assert list(piped_messages(io.StringIO('"""\n'))) == []
 
 
 def test_one_shot_prompt(tiny_llama):
