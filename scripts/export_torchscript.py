@@ -25,21 +25,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from docopt import docopt
+from docopt import DocoptExit, docopt
 
 from chat.errors import ChatError, UsageError
 
 
 def main() -> int:
-    args = docopt(__doc__)
+    try:
+        args = docopt(__doc__)
+    except DocoptExit:
+        print("export_torchscript: give MODEL and OUTDIR, and only the options --help lists", file=sys.stderr)
+        return 2
     try:
         max_len = None
         if args["--max-len"] is not None:
-            try:
-                max_len = int(args["--max-len"])
-                assert max_len > 0
-            except (ValueError, AssertionError):
-                raise UsageError(f"--max-len={args['--max-len']}: give a whole number above 0") from None
+            max_len = int(args["--max-len"]) if args["--max-len"].isdigit() else 0
+            if max_len <= 0:
+                raise UsageError(f"--max-len={args['--max-len']}: give a whole number above 0")
         from chat.export import export, stderr_progress
 
         export(

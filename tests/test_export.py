@@ -139,14 +139,17 @@ def test_script_command_line(tiny_llama, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "tracing" in done.stderr and "Warning" not in done.stderr
     assert read_manifest(out)["dtype"] == "bfloat16"
-    bad = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tiny_llama), str(tmp_path / "x"), "--dtype=int8"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "--dtype=int8" in bad.stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    for args, message in [
+        ([str(tiny_llama), str(tmp_path / "x"), "--dtype=int8"], "--dtype=int8"),
+        ([str(tiny_llama), str(tmp_path / "x"), "--max-len=-5"], "--max-len=-5"),
+        ([str(tiny_llama)], "give MODEL and OUTDIR"),
+        ([str(tiny_llama), str(blocked / "art")], "cannot write in"),
+    ]:
+        bad = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=False)
+        assert bad.returncode == 2, args
+        assert bad.stderr.strip().count("\n") == 0 and message in bad.stderr
 
 
 @pytest.mark.demo

@@ -74,6 +74,11 @@ def export(
     outdir = Path(outdir).expanduser().resolve()
     if outdir.exists() and not (is_artifact(outdir) or (outdir.is_dir() and not any(outdir.iterdir()))):
         raise UsageError(f"{outdir} exists and is not an artifact directory; name a new or empty directory")
+    try:  # before the slow part: the artifact is written beside OUTDIR, then renamed
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=outdir.parent).cleanup()
+    except OSError as why:
+        raise UsageError(f"cannot write in {outdir.parent} ({why.strerror or why}); pick another OUTDIR") from None
 
     source = locate_model(LoadOptions(model=model))
     config = check_model_dir(source, trust_remote_code=False)
@@ -149,6 +154,9 @@ def export(
         if verify:
             verify_artifact(work, hf.to(torch_device, torch_dtype), progress)
         _replace(work, outdir)
+    except OSError as why:  # a full disk, say: the old artifact, if any, stays as it was
+        shutil.rmtree(work, ignore_errors=True)
+        raise ChatError(f"could not write {outdir} ({why.strerror or why}); nothing was changed") from None
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
