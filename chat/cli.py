@@ -14,6 +14,7 @@ from typing import Any
 from chat import __version__
 from chat.errors import ChatError, UsageError
 from chat.params import GenerationParams, parse_value
+from chat.text import readable
 
 DEFAULTS = GenerationParams()
 DEMO_NAME = "smollm2-135m-instruct"
@@ -182,9 +183,9 @@ def parse_args(argv: list[str]) -> Options:
         dtype=args["--dtype"],
         threads=threads,
         param_changes=values,
-        system=args["--system"],
+        system=None if args["--system"] is None else readable(args["--system"]),
         user=user,
-        prompt=args["--prompt"],
+        prompt=None if args["--prompt"] is None else readable(args["--prompt"]),
         stream=not args["--no-stream"],
         context_policy=args["--context-policy"],
         save_dir=Path(args["--save-dir"]).expanduser() if args["--save-dir"] else default_save_dir(),

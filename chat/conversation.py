@@ -12,6 +12,7 @@ from typing import Any
 
 from chat.errors import ChatError
 from chat.params import GenerationParams, parse_value
+from chat.text import readable
 
 FORMAT = "chat-session"
 FORMAT_VERSION = 1
@@ -132,9 +133,11 @@ def load(path: Path, params: GenerationParams) -> tuple[Conversation, Generation
         if message["role"] == "system":  # files from other tools keep the system prompt in the list
             system = message["content"]
             continue
-        messages.append({k: v for k, v in message.items() if k in ("role", "content", "interrupted")})
+        kept = {k: v for k, v in message.items() if k in ("role", "content", "interrupted")}
+        messages.append({**kept, "content": readable(message["content"])})
     if system is not None and not isinstance(system, str):
         raise ChatError(f"{path}: 'system' must be text; nothing was loaded")
+    system = None if system is None else readable(system)
 
     saved = data.get("parameters") or {}
     if not isinstance(saved, dict):

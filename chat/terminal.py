@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from chat.text import readable
+
 MULTILINE = '"""'
 
 
@@ -70,7 +72,11 @@ def setup_readline() -> Callable[[], None]:
 
 
 def read_message(prompt: str, more: str, read: Callable[[str], str] = input) -> str:
-    """One message: a line, or the lines between two lines of \"\"\"."""
+    """One message: a line, or the lines between two lines of \"\"\"; bytes that are not UTF-8 become U+FFFD."""
+    return readable(_read_block(prompt, more, read))
+
+
+def _read_block(prompt: str, more: str, read: Callable[[str], str]) -> str:
     line = read(prompt)
     if line.strip() != MULTILINE:
         return line

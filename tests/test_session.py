@@ -262,6 +262,18 @@ def test_load_other_tools_messages(session, tmp_path):
     assert [m["content"] for m in session.conversation.messages] == ["U", "A"]
 
 
+def test_text_that_is_not_unicode_is_made_readable(session, tmp_path, tiny_llama):
+    """Lone surrogates (bytes that are not UTF-8, or JSON's \\udcff) would crash the tokenizer and !save."""
+    path = tmp_path / "odd.json"
+    path.write_text('{"system": "s\\ud800", "messages": [{"role": "user", "content": "hi \\udcff"}]}')
+    session.handle(f"!load {path}")
+    assert session.conversation.system == "s\ufffd"
+    assert session.conversation.messages[0]["content"] == "hi \ufffd"
+    assert session.ask("again") and "\ufffd" in session.conversation.messages[0]["content"]
+    options = parse_args([str(tiny_llama), "--prompt", "caf\udcff", "--system", "\udcff"])
+    assert options.prompt == "caf\ufffd" and options.system == "\ufffd"
+
+
 def test_load_needs_path(session):
     session.handle("!load")
     assert "usage: !load PATH" in output(session)[1]

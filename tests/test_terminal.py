@@ -142,6 +142,20 @@ def test_block_left_open_at_end_of_input_is_still_sent():
     assert list(piped_messages(io.StringIO('"""\n'))) == []
 
 
+def test_bytes_that_are_not_utf8_become_replacement_characters(tiny_llama):
+    from chat.terminal import piped_messages
+
+    assert list(piped_messages(io.StringIO("a\udcff b\n\ud800\n"))) == ["a\ufffd b", "\ufffd"]
+    result = subprocess.run(
+        [sys.executable, "-m", "chat", str(tiny_llama), "--max-new-tokens", "2"],
+        input=b"\xff\xfe hi\n",
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
+
+
 def test_one_shot_prompt(tiny_llama):
     result = subprocess.run(
         [
