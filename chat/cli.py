@@ -157,7 +157,16 @@ def parse_args(argv: list[str]) -> Options:
     for option in ("--prompt", "--system"):
         if args[option] is not None and not args[option].strip():
             raise UsageError(f"{option} is empty; give it some text")
-    load = Path(args["--load"]).expanduser() if args["--load"] else None
+    for option, what in (
+        ("MODEL", "a model directory or Hub id"),
+        ("--model", "a model directory or Hub id"),
+        ("--model_name_or_path", "a model directory or Hub id"),
+        ("--save-dir", "a directory"),
+        ("--load", "a file written by !save"),
+    ):
+        if args[option] is not None and not args[option].strip():
+            raise UsageError(f"{option} is empty; name {what}")
+    load = Path(args["--load"]).expanduser() if args["--load"] is not None else None
     if load is not None and not load.is_file():
         raise UsageError(f"--load: no file {load}; name a file written by !save")
 
