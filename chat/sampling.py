@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from chat.errors import ChatError
 from chat.params import GenerationParams
 
 # Top-p without top-k sorts only the tokens within HEAD_GAP (in logits after temperature) of the likeliest
@@ -33,6 +34,10 @@ class Sampler:
         repetition penalty); new_tokens: how many tokens this reply has so far.
         """
         logits = self._adjusted(logits, context_ids, new_tokens)
+        if new_tokens == 0 and bool(torch.isnan(logits).any()):  # checked once a reply: broken weights show at once
+            raise ChatError(
+                "the model gave NaN scores: its weights are broken or overflow in this dtype; try --dtype float32"
+            )
         if self.params.temperature == 0:
             return int(logits.argmax())
         ids, probs = self.distribution(logits) if logits.device.type == "cpu" else (None, self.masked(logits))

@@ -126,6 +126,10 @@ class Session:
                         print(piece, end="", file=self.out, flush=True)
         except KeyboardInterrupt:
             stream.finish = "interrupted"
+        except ChatError as why:  # said in words the user can act on, e.g. a full context or NaN scores
+            print(file=self.out)
+            self.error(str(why))
+            return False
         except Exception as why:  # a failing model must not end the session
             print(file=self.out)
             self.error(f"the model failed: {why}" + ("" if self.options.verbose else " (--verbose shows more)"))

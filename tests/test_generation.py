@@ -26,6 +26,15 @@ def test_greedy_and_degenerate_sampling_pick_the_argmax():
         assert sampler(temperature=1, top_k=top_k, top_p=1e-300).choose(logits, context, 0) == best
 
 
+def test_nan_scores_are_a_clear_error():
+    from chat.errors import ChatError
+
+    logits = torch.full((300,), float("nan"))
+    for params in ({"temperature": 0}, {"temperature": 0.7, "top_k": 50, "top_p": 0.9}):
+        with pytest.raises(ChatError, match="NaN scores"):
+            sampler(**params).choose(logits, torch.tensor([1]), 0)
+
+
 def test_min_new_tokens_blocks_eos():
     logits = torch.zeros(10)
     logits[2] = 100.0  # EOS is by far the likeliest
