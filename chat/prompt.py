@@ -59,7 +59,7 @@ def build_prompt(
     if budget <= 0:
         raise ChatError(
             f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in this model's "
-            f"{context_length}-token context; lower it with !set max_new_tokens=N"
+            f"{context_length}-token context; lower it (--max-new-tokens N, or !set max_new_tokens=N in the chat)"
         )
     stops = [] if tokenizer.has_chat_template else plain_stop_strings(user_label)
     dropped, start = 0, conversation.context_start
