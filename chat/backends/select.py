@@ -142,13 +142,14 @@ def _likely_artifact(options: LoadOptions) -> Path | None:
     device = options.device
     if device == "auto":
         device = "cuda" if Path("/proc/driver/nvidia/version").is_file() else "cpu"
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    device_type = _device_type(device)
     dtype = options.dtype
     if dtype == "auto":
         try:
-            native_bf16 = any(flag in Path("/proc/cpuinfo").read_text() for flag in ("avx512_bf16", "amx_bf16"))
+            cpu_flags = Path("/proc/cpuinfo").read_text()
         except OSError:
-            native_bf16 = False
+            cpu_flags = ""
+        native_bf16 = "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags
         dtype = "bfloat16" if device_type == "cuda" or native_bf16 else "float32"
     return artifact_dir_for(path, device_type, dtype)
 
