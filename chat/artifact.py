@@ -55,7 +55,7 @@ def sha256_file(path: Path) -> str:
         buffer = bytearray(_HASH_BLOCK)
         view = memoryview(buffer)
         while n := f.readinto(buffer):
-            digest.update(view[:n])  # hashlib drops the GIL on big blocks, so this overlaps torch.jit.load
+            digest.update(view[:n])  # hashlib drops the GIL on big blocks: this runs beside torch's import
     return digest.hexdigest()
 
 
@@ -143,8 +143,8 @@ def check_sizes(directory: Path, manifest: dict[str, Any]) -> None:
         if not path.is_file():
             raise ArtifactError(f"{path} is missing; {fix}")
         size = path.stat().st_size
-        if size != entry.get("size"):
-            raise ArtifactError(f"{path} has {size} bytes, the manifest says {entry.get('size')} (truncated?); {fix}")
+        if size != entry["size"]:  # read_manifest checked every entry has one
+            raise ArtifactError(f"{path} has {size} bytes, the manifest says {entry['size']} (truncated?); {fix}")
 
 
 class HashCheck:

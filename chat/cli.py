@@ -154,18 +154,17 @@ def parse_args(argv: list[str]) -> Options:
     user = args["--user"].strip()
     if not user or len(user) > 40 or any(ch in user for ch in "\n\r:"):
         raise UsageError("--user must be a short label without ':' or line breaks, like --user Ana")
-    for option in ("--prompt", "--system"):
-        if args[option] is not None and not args[option].strip():
-            raise UsageError(f"{option} is empty; give it some text")
-    for option, what in (
-        ("MODEL", "a model directory or Hub id"),
-        ("--model", "a model directory or Hub id"),
-        ("--model_name_or_path", "a model directory or Hub id"),
-        ("--save-dir", "a directory"),
-        ("--load", "a file written by !save"),
+    for option, fix in (
+        ("--prompt", "give it some text"),
+        ("--system", "give it some text"),
+        ("MODEL", "name a model directory or Hub id"),
+        ("--model", "name a model directory or Hub id"),
+        ("--model_name_or_path", "name a model directory or Hub id"),
+        ("--save-dir", "name a directory"),
+        ("--load", "name a file written by !save"),
     ):
         if args[option] is not None and not args[option].strip():
-            raise UsageError(f"{option} is empty; name {what}")
+            raise UsageError(f"{option} is empty; {fix}")
     load = Path(args["--load"]).expanduser() if args["--load"] is not None else None
     if load is not None and not load.is_file():
         raise UsageError(f"--load: no file {load}; name a file written by !save")
