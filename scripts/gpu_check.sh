@@ -61,17 +61,14 @@ timeout 180 python3 scripts/export_torchscript.py "$MODEL" /tmp/ts-f32 --device=
 step "decode variants (TorchScript, bf16, 256 tokens after a 64-token prompt; and at a 3000-token context)"
 timeout 180 python3 - "$MODEL/torchscript/cuda-bfloat16" <<'EOF'
 import sys, time, torch
+sys.path.insert(0, "scripts")
+from profile_decode import fresh_prompt, seconds_per_step
 from chat.backends.torchscript_backend import TorchScriptBackend
-def rate(b, start, n=256):
-    ids = [(i * 7919) % 40000 + 5 for i in range(start)]
-    tok = int(b.prefill(ids).argmax()); torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(n):
-        tok = int(b.decode(tok).argmax())
-    torch.cuda.synchronize(); return n / (time.perf_counter() - t)
 for graphs in (True, False):
     t = time.perf_counter(); b = TorchScriptBackend(sys.argv[1], cuda_graphs=graphs); load = time.perf_counter() - t
-    rate(b, 64, 16)
-    print(f"cuda_graphs={graphs}: load {load:.1f}s, decode {rate(b, 64):.0f} tok/s at 64, {rate(b, 3000):.0f} tok/s at 3000")
+    seconds_per_step(b, fresh_prompt(b, 64), 16)
+    short, long = (1 / seconds_per_step(b, fresh_prompt(b, n), 256) for n in (64, 3000))
+    print(f"cuda_graphs={graphs}: load {load:.1f}s, decode {short:.0f} tok/s at 64, {long:.0f} tok/s at 3000")
     b.close(); torch.cuda.empty_cache()
 EOF
 

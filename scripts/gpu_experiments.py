@@ -22,7 +22,6 @@ import contextlib
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -59,7 +58,7 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
 
 def main() -> int:
     args = docopt(__doc__)
-    import torch
+    from profile_decode import fresh_prompt, seconds_per_step  # this script's folder is on sys.path
 
     from chat.backends.base import LoadOptions
     from chat.backends.torchscript_backend import TorchScriptBackend
@@ -73,24 +72,10 @@ def main() -> int:
                 artifact = export(args["MODEL"], Path(work) / name, device=device, dtype=dtype, verify=True)
             backends[name] = TorchScriptBackend(artifact, LoadOptions(model=str(artifact)))  # all read in now
 
-    def sync() -> None:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def rate(backend: TorchScriptBackend) -> float:
-        ids = [(i * 7919) % (backend.shape.vocab_size - 5) + 5 for i in range(64)]
-        token = int(backend.prefill(ids).argmax())
-        sync()
-        started = time.perf_counter()
-        for _ in range(tokens):
-            token = int(backend.decode(token).argmax())
-        sync()
-        return tokens / (time.perf_counter() - started)
-
     results: dict[str, list[float]] = {name: [] for name in backends}
     for _ in range(3):
         for name, backend in backends.items():
-            results[name].append(rate(backend))
+            results[name].append(1 / seconds_per_step(backend, fresh_prompt(backend, 64), tokens))
     for name, rates in results.items():
         rounds = ", ".join(f"{r:.0f}" for r in rates)
         print(f"{name:16s} decode {statistics.median(rates):7.1f} tok/s (rounds: {rounds})")

@@ -27,7 +27,6 @@ from docopt import docopt
 
 def main() -> int:
     args = docopt(__doc__)
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from chat.backends.torchscript_backend import TorchScriptBackend
@@ -37,28 +36,10 @@ def main() -> int:
     cuda = backend.info.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
-    def prompt(b: TorchScriptBackend) -> int:
-        """A fresh prompt of `context` tokens; its greedy next token."""
-        ids = [(i * 7919) % (b.shape.vocab_size - 5) + 5 for i in range(context)]
-        return int(b.prefill(ids).argmax())
-
-    def run(b: TorchScriptBackend, token: int, count: int) -> float:
-        """Seconds per step for `count` greedy decode steps."""
-        sync()
-        started = time.perf_counter()
-        for _ in range(count):
-            token = int(b.decode(token).argmax())
-        sync()
-        return (time.perf_counter() - started) / count
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    run(backend, prompt(backend), 8)  # warm-up
-    token = prompt(backend)
+    seconds_per_step(backend, fresh_prompt(backend, context), 8)  # warm-up
+    token = fresh_prompt(backend, context)
     with profile(activities=activities, record_shapes=True) as prof:
-        per_step = run(backend, token, steps)
+        per_step = seconds_per_step(backend, token, steps)
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     print(f"{args['ARTIFACT']}: {backend.info.device} {backend.info.dtype}, {context} cached tokens, {steps} steps")
     print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows))
@@ -70,12 +51,35 @@ def main() -> int:
         print(f"per step without graphs: {wall:.2f} ms wall, {gpu_us / 1e3:.2f} ms GPU, {kernels:.0f} kernels")
         backend.close()
         graphed = TorchScriptBackend(args["ARTIFACT"])
-        run(graphed, prompt(graphed), 8)
-        print(f"per step with CUDA graphs: {run(graphed, prompt(graphed), 200) * 1e3:.3f} ms wall")
+        seconds_per_step(graphed, fresh_prompt(graphed, context), 8)
+        graphed_ms = seconds_per_step(graphed, fresh_prompt(graphed, context), 200) * 1e3
+        print(f"per step with CUDA graphs: {graphed_ms:.3f} ms wall")
     else:
         ops = sum(e.count for e in events if e.key.startswith("aten::")) / steps
         print(f"per step: {per_step * 1e3:.2f} ms wall, {ops:.0f} aten calls (views included)")
     return 0
+
+
+def fresh_prompt(backend, length: int) -> int:
+    """Prefill a new prompt of `length` tokens spread over the vocabulary; its greedy next token."""
+    ids = [(i * 7919) % (backend.shape.vocab_size - 5) + 5 for i in range(length)]
+    return int(backend.prefill(ids).argmax())
+
+
+def seconds_per_step(backend, token: int, count: int) -> float:
+    """Seconds per step of `count` greedy decode steps from `token`, waiting for the GPU where there is one."""
+    import torch
+
+    def sync() -> None:
+        if backend.info.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    sync()
+    started = time.perf_counter()
+    for _ in range(count):
+        token = int(backend.decode(token).argmax())
+    sync()
+    return (time.perf_counter() - started) / count
 
 
 if __name__ == "__main__":
