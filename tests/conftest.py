@@ -49,6 +49,7 @@ def build_tokenizer(directory: Path, *, chat_template: str | None, eos: str) -> 
 
 def build_model(directory: Path, kind: str) -> Path:
     import torch
+    from helpers import TINY_DECODER  # here, not at the top: HF_HUB_OFFLINE must be set before chat imports
     from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config, LlamaConfig
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,13 +57,8 @@ def build_model(directory: Path, kind: str) -> Path:
         vocab = build_tokenizer(directory, chat_template=CHATML, eos="<|im_end|>")
         config = LlamaConfig(
             vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **TINY_DECODER,
             head_dim=16,
-            max_position_embeddings=256,
             tie_word_embeddings=True,
             rope_theta=10000.0,
             bos_token_id=0,

@@ -13,6 +13,15 @@ from chat.params import GenerationParams
 from chat.session import Session
 
 ARTIFACT_MAX_LEN = 64  # the context of the tiny test artifacts
+# The decoder shape of every tiny llama-like test model (the llama fixture, the other families' models).
+TINY_DECODER = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 _BACKENDS: dict[str, TransformersBackend] = {}
 
 

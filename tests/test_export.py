@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_DECODER
 
 import chat.export
 from chat.artifact import MANIFEST, artifact_dir_for, read_manifest, sha256_file
@@ -62,12 +63,7 @@ def tiny_family_model(directory: Path, tokenizer_from: Path, model_type: str) ->
     config = AutoConfig.for_model(
         model_type,
         vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_DECODER,
         eos_token_id=2,
         pad_token_id=0,
         **extra,
@@ -233,7 +229,14 @@ def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
     """scripts/profile_decode.py, the tool that says where a decode step goes, runs on an artifact."""
     artifact = export(str(tiny_llama), tmp_path / "ts", max_len=64)
     done = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "profile_decode.py"), str(artifact), "--context=9", "--steps=3"],
+        [
+            sys.executable,
+            str(SCRIPT.parent / "profile_decode.py"),
+            str(artifact),
+            "--context=9",
+            "--steps=3",
+            "--rows=1000",
+        ],
         capture_output=True,
         text=True,
         check=False,

@@ -74,15 +74,11 @@ def remove_file(artifact: Path) -> None:
 
 
 def bad_file_entry(artifact: Path) -> None:
-    manifest = json.loads((artifact / MANIFEST).read_text())
-    manifest["files"]["model.ts"] = 5
-    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    _edit_manifest(artifact, "files", **{"model.ts": 5})
 
 
 def escaping_file_name(artifact: Path) -> None:
-    manifest = json.loads((artifact / MANIFEST).read_text())
-    manifest["files"]["../config.json"] = {"size": 1, "sha256": "0" * 64}
-    (artifact / MANIFEST).write_text(json.dumps(manifest))
+    _edit_manifest(artifact, "files", **{"../config.json": {"size": 1, "sha256": "0" * 64}})
 
 
 def bad_eos(artifact: Path) -> None:
@@ -90,17 +86,18 @@ def bad_eos(artifact: Path) -> None:
 
 
 def bad_shape(artifact: Path) -> None:
-    manifest = json.loads((artifact / MANIFEST).read_text())
-    _edit_manifest(artifact, shape={**manifest["shape"], "kv_heads": "x"})
+    _edit_manifest(artifact, "shape", kv_heads="x")
 
 
 def cuda_artifact(artifact: Path) -> None:
     _edit_manifest(artifact, device="cuda")
 
 
-def _edit_manifest(artifact: Path, **changes) -> None:
+def _edit_manifest(artifact: Path, within: str | None = None, **changes) -> None:
+    """Rewrite the manifest with `changes` at its top level, or inside its `within` table."""
     manifest = json.loads((artifact / MANIFEST).read_text())
-    (artifact / MANIFEST).write_text(json.dumps({**manifest, **changes}))
+    (manifest[within] if within else manifest).update(changes)
+    (artifact / MANIFEST).write_text(json.dumps(manifest))
 
 
 FAULTS = {
