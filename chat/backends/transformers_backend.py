@@ -169,9 +169,7 @@ class TransformersBackend:
             threads=torch.get_num_threads(),
         )
         self._device = device
-        # transformers 5.x renamed past_key_values to cache; older versions only know the former.
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_argument(model)
         self._cache = None
         self._cached: list[int] = []  # the token ids whose keys/values the cache holds
 
@@ -215,6 +213,12 @@ class TransformersBackend:
     def close(self) -> None:
         self._cache = None
         del self.model
+
+
+def cache_argument(model) -> str:
+    """The name the model's forward takes its KV cache by: transformers 5 renamed past_key_values to cache,
+    and older versions only know the former."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _ids(value) -> list[int]:

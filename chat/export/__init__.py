@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import shutil
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from chat.artifact import MODEL_FILE, is_artifact, write_manifest
+from chat.artifact import MODEL_FILE, is_artifact, sha256_file, write_manifest
 from chat.errors import ChatError, UsageError
 from chat.export.model import LeanLM, allocate_cache, fewest_ops, quiet_torchscript, transposed_weights
 
@@ -221,9 +220,10 @@ def verify_artifact(directory: Path, hf, progress: Progress) -> None:
 def _hf_greedy(hf, ids: list[int], count: int) -> tuple[list[int], list[torch.Tensor]]:
     from transformers import DynamicCache
 
+    from chat.backends.transformers_backend import cache_argument
+
     device = next(hf.parameters()).device
-    # transformers 5 renamed past_key_values to cache; older versions only know the former.
-    cache_arg = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    cache_arg = cache_argument(hf)
     cache = DynamicCache()
     step_ids = torch.tensor([ids], device=device)
     tokens, logits = [], []
@@ -256,8 +256,6 @@ def _source_version(source: Path) -> dict[str, str]:
     if source.parent.name == "snapshots":
         return {"revision": source.name}
     digest = hashlib.sha256()
-    from chat.artifact import sha256_file
-
     for path in sorted([source / "config.json", *source.glob("*.safetensors"), *source.glob("*.bin")]):
         digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
     return {"sha256": digest.hexdigest()}
