@@ -23,13 +23,17 @@ class Command:
     run: Callable[[Session, str], None]
 
 
-def do_help(session: Session, rest: str) -> None:
+def help_text() -> str:
     width = max(len(c.usage) for c in COMMANDS.values())
     lines = [f"  {c.usage:<{width}}  {c.help}" for c in COMMANDS.values()]
     lines.append("")
     lines.append("  parameters for !set: " + ", ".join(PARSERS))
     lines.append('  a line """ starts a multi-line message, another ends it; Ctrl+C stops a reply')
-    session.say("\n".join(lines))
+    return "\n".join(lines)
+
+
+def do_help(session: Session, rest: str) -> None:
+    session.say(help_text())
 
 
 def do_exit(session: Session, rest: str) -> None:
@@ -127,10 +131,16 @@ COMMANDS: dict[str, Command] = {
 ALIASES = {"quit": "exit"}
 
 
+def command_name(line: str) -> str:
+    """The command a `!` line names, aliases resolved (may be unknown)."""
+    word = line.removeprefix("!").strip().partition(" ")[0]
+    return ALIASES.get(word.lower(), word.lower())
+
+
 def run_command(session: Session, line: str) -> None:
     """Run one `!` line. A bad command or argument gets one line; the session always goes on."""
     word, _, rest = line.removeprefix("!").strip().partition(" ")
-    name = ALIASES.get(word.lower(), word.lower())
+    name = command_name(line)
     command = COMMANDS.get(name)
     if command is None:
         known = [*COMMANDS, *ALIASES]

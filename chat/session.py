@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -40,7 +43,7 @@ class Session:
         self.params = params
         self.out, self.err = out, err
         self.style = Style(out)
-        self.label = Path(options.model.rstrip("/")).name or options.model
+        self.label = model_label(options.model)
         self.last_stats: ReplyStats | None = None
         self.running = True
         self.conversational = False  # a person at a terminal: label replies, remark on cut-off ones
@@ -165,12 +168,13 @@ class Session:
             self.ask(text)
 
 
-def load_session(options: Options) -> Session:
+def load_session(options: Options, announce: bool = True) -> Session:
+    """Load the model and make the session (its notes, e.g. why auto fell back, are for the caller to show)."""
     from chat.backends.base import LoadOptions
     from chat.backends.select import load_backend
 
     conversation = Conversation(system=options.system)
-    if sys.stderr.isatty():
+    if announce and sys.stderr.isatty():
         print(f"loading {options.model} ...", file=sys.stderr, flush=True)
     load = LoadOptions(
         model=options.model,
@@ -187,10 +191,84 @@ def load_session(options: Options) -> Session:
         conversation, params = storage.load(options.load, params)
         if options.system is not None:
             conversation.system = options.system
-    session = Session(backend, options, conversation, params)
-    for note in backend.info.notes:
+    return Session(backend, options, conversation, params)
+
+
+def show_notes(session: Session) -> None:
+    for note in session.backend.info.notes:
         session.notice(note)
-    return session
+
+
+class SessionLoad:
+    """The model loading for an interactive chat: in a thread while the person types their first message,
+    so the prompt shows at once (loading takes seconds, most of them importing torch and reading weights).
+
+    Only a local model loads in the background: a Hub download shows its progress in the foreground, and
+    --verbose keeps the plain order for debugging. If the load fails, the main thread is interrupted at the
+    prompt (SIGUSR1, like Ctrl+C for readline), so the error shows at once rather than after a message."""
+
+    def __init__(self, options: Options, background: bool):
+        self.options = options
+        self._session: Session | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._alert = background and hasattr(signal, "pthread_kill")
+        if not background:
+            self._session = load_session(options)
+            self._done.set()
+            return
+        if self._alert:
+            self._previous = signal.signal(signal.SIGUSR1, self._on_failure)
+        self._thread = threading.Thread(target=self._load, name="chat-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self._session = load_session(self.options, announce=False)
+        except BaseException as why:  # handed to the main thread as it is
+            self._error = why
+        self._done.set()
+        if self._error is not None and self._alert:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def _on_failure(self, signum: int, frame: object) -> None:
+        if self._error is None:
+            return
+        try:  # a message half typed goes into the input history: Up brings it back next time
+            import readline
+
+            if readline.get_line_buffer().strip():
+                readline.add_history(readline.get_line_buffer())
+        except ImportError:
+            pass
+        print(file=sys.stderr)
+        raise self._error
+
+    @property
+    def loading(self) -> bool:
+        return not self._done.is_set()
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.backend.close()
+
+    def session(self, notice: Callable[[str], None]) -> Session:
+        """The loaded session, waiting for it (with a notice) if need be; raises what the load raised."""
+        if not self._done.is_set():
+            notice("(loading the model ...)")
+            self._done.wait()
+        if self._error is not None:
+            raise self._error
+        session = self._session
+        assert session is not None
+        if self._alert:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._alert = False
+            import torch
+
+            # The thread count is per OpenMP thread: the load thread's setting does not reach this one.
+            torch.set_num_threads(session.backend.info.threads)
+        return session
 
 
 def run(options: Options) -> int:
@@ -199,12 +277,21 @@ def run(options: Options) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
+    if options.prompt is None and is_interactive():
+        local = Path(options.model).expanduser().is_dir()
+        load = SessionLoad(options, background=local and not options.verbose)
+        code = interactive(options, load)
+        if load.loading:  # left before the model was in: a normal exit would wait for the load thread
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        load.close()
+        return code
     session = load_session(options)
+    show_notes(session)
     try:
         if options.prompt is not None:
             return 0 if session.ask(options.prompt) else 1
-        if is_interactive():
-            return interactive(session)
         for message in piped_messages(sys.stdin):
             session.handle(message)
             if not session.running:
@@ -214,30 +301,69 @@ def run(options: Options) -> int:
         session.backend.close()
 
 
-def interactive(session: Session) -> int:
+def interactive(options: Options, load: SessionLoad) -> int:
+    from chat.commands import command_name, help_text
+
     save_history = setup_readline()
-    session.conversational = True
-    info = session.backend.info
-    session.say(
-        session.style.note(
-            f"chat · {session.label} · {info.name} on {info.device} ({info.dtype}) · "
-            f'!help for commands, """ for multi-line, Ctrl+D to quit'
-        )
-    )
-    prompt = session.style.user(f"{session.options.user}:") + " "
-    more = session.style.user("...") + " "
+    style = Style(sys.stdout)
+    label = model_label(options.model)
+    session: Session | None = None
+    if load.loading:
+        intro = f"chat · {label} · "
+    else:
+        session = load.session(lambda _: None)
+        session.conversational = True
+        show_notes(session)
+        info = session.backend.info
+        intro = f"chat · {label} · {info.name} on {info.device} ({info.dtype}) · "
+    print(style.note(intro + '!help for commands, """ for multi-line, Ctrl+D to quit'), flush=True)
+    prompt = style.user(f"{options.user}:") + " "
+    more = style.user("...") + " "
     try:
-        while session.running:
+        while session is None or session.running:
             try:
                 text = read_message(prompt, more)
             except KeyboardInterrupt:
-                print(file=session.out)
-                session.notice("(Ctrl+D or !exit to quit)")
+                print()
+                print(style.note("(Ctrl+D or !exit to quit)"), file=sys.stderr, flush=True)
                 continue
             except EOFError:
-                print(file=session.out)
+                print()
                 break
+            if session is None:  # the model is still loading: only !help and !exit go without it
+                command = command_name(text) if text.lstrip().startswith("!") else None
+                if not text.strip():
+                    continue
+                if command == "help":
+                    print(help_text(), flush=True)
+                    continue
+                if command == "exit":
+                    break
+                try:
+                    session = _ready(load, style)
+                except KeyboardInterrupt:
+                    print()
+                    print(
+                        style.note("(not sent: the model is still loading; Up brings the message back)"),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    continue
             session.handle(text)
     finally:
         save_history()
     return 0
+
+
+def _ready(load: SessionLoad, style: Style) -> Session:
+    """The session once loaded in the background, told to the person in one line with what runs it."""
+    session = load.session(lambda text: print(style.note(text), file=sys.stderr, flush=True))
+    session.conversational = True
+    info = session.backend.info
+    session.notice(f"({info.name} on {info.device}, {info.dtype})")
+    show_notes(session)
+    return session
+
+
+def model_label(model: str) -> str:
+    return Path(model.rstrip("/")).name or model

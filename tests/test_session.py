@@ -119,6 +119,32 @@ def test_threads_option_sets_torch_threads(request, backend):
         torch.set_num_threads(before)
 
 
+def test_background_load_gives_this_thread_the_threads_asked_for(llama_artifact):
+    from chat.session import SessionLoad
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    try:
+        load = SessionLoad(parse_args([str(llama_artifact), "--threads", str(wanted)]), background=True)
+        notices = []
+        session = load.session(notices.append)
+        # torch's thread count is per OpenMP thread: the load thread's setting alone would leave this one as it was.
+        assert session.backend.info.threads == wanted and torch.get_num_threads() == wanted
+        assert not load.loading and notices in ([], ["(loading the model ...)"])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_background_load_failure_is_raised_where_the_session_is_asked_for(tmp_path):
+    from chat.errors import ChatError
+    from chat.session import SessionLoad
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    load = SessionLoad(parse_args([str(tmp_path), "--backend", "transformers"]), background=True)
+    with pytest.raises(ChatError, match="no weights"):
+        load.session(lambda _: None)  # the SIGUSR1 alert may come first: it raises the same error
+
+
 def test_cpu_threads_default(monkeypatch):
     import os
 

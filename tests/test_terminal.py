@@ -118,6 +118,46 @@ def test_streaming_and_ctrl_c_mid_reply(demo_model, tmp_path):
     quit_with_eof(child)
 
 
+def test_prompt_shows_while_the_model_loads_and_a_load_error_interrupts_it(tiny_llama, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((tiny_llama / name).read_bytes())
+    (broken / "model.safetensors").write_bytes((tiny_llama / "model.safetensors").read_bytes()[:1000])
+    child = spawn(broken, tmp_path=tmp_path)  # the prompt comes first: the load is still under way
+    child.send("a message half typed")
+    child.expect_exact("chat: error: ")  # without Enter: the failed load interrupts the prompt
+    child.expect_exact("could not load the weights")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1 and "Traceback" not in child.before
+    # What was typed is not lost: it is in the input history (Up brings it back next time).
+    assert "a message half typed" in (tmp_path / "state" / "chat" / "history").read_text()
+
+
+def test_help_and_exit_need_no_model(tiny_llama, tmp_path):
+    child = spawn(tiny_llama, "--max-new-tokens", "4", tmp_path=tmp_path)
+    child.sendline("!help")
+    child.expect_exact("!status")
+    child.expect_exact(PROMPT)
+    child.sendline("Hello")  # waits for the model if it is still loading, then says what runs it
+    child.expect_exact("(transformers on cpu, float32)")
+    child.expect_exact("tiny-llama0: ")
+    child.expect_exact(PROMPT)
+    child.sendline("!exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_leaving_while_the_model_loads(tiny_llama, tmp_path):
+    child = spawn(tiny_llama, tmp_path=tmp_path)
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
+
+
 def test_piped_stdin_replies_only(tiny_llama, tmp_path):
     lines = "Hello\n\n!set max_new_tokens=2\n!bogus\nSecond\n"
     result = subprocess.run(

@@ -176,3 +176,22 @@ def test_cuda_graph_decode_matches_plain_decode(tiny_llama, tmp_path):
         a, b = graphed.decode(token).cpu(), plain.decode(token).cpu()
         assert int(a.argmax()) == int(b.argmax()), f"step {n}"
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=f"step {n}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graphs captured in the chat's load thread")
+def test_cuda_graphs_captured_in_a_load_thread_replay_in_the_main_thread(tiny_llama, tmp_path):
+    import threading
+
+    artifact = export(str(tiny_llama), tmp_path / "cuda", device="cuda", max_len=256)
+    loaded = {}
+    thread = threading.Thread(target=lambda: loaded.update(backend=TorchScriptBackend(artifact)))
+    thread.start()  # as the interactive chat loads (chat.session.SessionLoad)
+    thread.join()
+    graphed, plain = loaded["backend"], TorchScriptBackend(artifact, cuda_graphs=False)
+    assert graphed._graphs
+    ids = list(range(3, 43))
+    torch.testing.assert_close(graphed.prefill(ids), plain.prefill(ids))
+    for n in range(150):
+        token = (n * 13) % 280 + 3
+        a, b = graphed.decode(token).cpu(), plain.decode(token).cpu()
+        assert int(a.argmax()) == int(b.argmax()), f"step {n}"
