@@ -261,13 +261,13 @@ class SessionLoad:
             raise self._error
         session = self._session
         assert session is not None
-        if self._alert:
-            signal.signal(signal.SIGUSR1, self._previous)
-            self._alert = False
+        if self._alert:  # first call after a background load (each step may be redone if Ctrl+C cuts in)
             import torch
 
             # The thread count is per OpenMP thread: the load thread's setting does not reach this one.
             torch.set_num_threads(session.backend.info.threads)
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._alert = False
         return session
 
 
