@@ -2,23 +2,25 @@
 """A/B candidate changes to the exported decode step, in one process, for the scarce GPU sessions.
 
 Usage:
-  gpu_experiments.py MODEL [--device=DEVICE] [--dtype=DTYPE] [--tokens=N]
+  gpu_experiments.py MODEL [--device=DEVICE] [--dtype=DTYPE] [--tokens=N] [--contexts=LIST]
   gpu_experiments.py (-h | --help)
 
 Options:
   --device=DEVICE  where to export and run [default: cuda]
   --dtype=DTYPE    the artifacts' dtype [default: bfloat16]
   --tokens=N       greedy decode steps timed per variant and round [default: 256]
+  --contexts=LIST  prompt lengths the steps follow [default: 64,1000]
 
 Each variant is the exporter with one change patched in (the product code has no switches for them),
 exported to a temporary directory, loaded through TorchScriptBackend (CUDA graphs on CUDA) and timed
-after a 64-token prompt, the variants interleaved over three rounds. A variant that wins here becomes
+after prompts of each length, the variants interleaved over three rounds. A variant that wins here becomes
 the exporter's code; the rest are deleted from this file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import statistics
 import sys
 import tempfile
@@ -54,6 +56,11 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "baseline": contextlib.nullcontext,
     "fused_residual": fused_residual,
 }
+if importlib.util.find_spec("triton"):  # CUDA builds of torch bring triton; CPU ones (CI's) do not
+    # At import: registers the chat_triton ops, which loading the variant's artifact needs.
+    from triton_decode import fused_decode  # this script's folder is on sys.path
+
+    VARIANTS["triton_fused"] = fused_decode
 
 
 def main() -> int:
@@ -65,20 +72,25 @@ def main() -> int:
     from chat.export import export
 
     device, dtype, tokens = args["--device"], args["--dtype"], int(args["--tokens"])
+    contexts = [int(n) for n in args["--contexts"].split(",")]
     backends = {}
     with tempfile.TemporaryDirectory(prefix="gpu-experiments-") as work:
         for name, patch in VARIANTS.items():
-            with patch():
-                artifact = export(args["MODEL"], Path(work) / name, device=device, dtype=dtype, verify=True)
-            backends[name] = TorchScriptBackend(artifact, LoadOptions(model=str(artifact)))  # all read in now
+            try:  # one failing candidate must not cost the session the others' numbers
+                with patch():
+                    artifact = export(args["MODEL"], Path(work) / name, device=device, dtype=dtype, verify=True)
+                backends[name] = TorchScriptBackend(artifact, LoadOptions(model=str(artifact)))  # all read in now
+            except Exception as why:
+                print(f"{name:16s} failed to export or load: {type(why).__name__}: {why}", flush=True)
 
-    results: dict[str, list[float]] = {name: [] for name in backends}
+    results: dict[tuple[str, int], list[float]] = {(name, n): [] for name in backends for n in contexts}
     for _ in range(3):
         for name, backend in backends.items():
-            results[name].append(1 / seconds_per_step(backend, fresh_prompt(backend, 64), tokens))
-    for name, rates in results.items():
+            for n in contexts:
+                results[name, n].append(1 / seconds_per_step(backend, fresh_prompt(backend, n), tokens))
+    for (name, n), rates in results.items():
         rounds = ", ".join(f"{r:.0f}" for r in rates)
-        print(f"{name:16s} decode {statistics.median(rates):7.1f} tok/s (rounds: {rounds})")
+        print(f"{name:16s} decode after {n:5d} tokens {statistics.median(rates):7.1f} tok/s (rounds: {rounds})")
     return 0
 
 

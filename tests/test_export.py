@@ -249,14 +249,16 @@ def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
 def test_gpu_experiments_script_runs(tiny_llama):
     """scripts/gpu_experiments.py, prepared for the GPU sessions, runs end to end (on the CPU here)."""
     script = SCRIPT.parent / "gpu_experiments.py"
+    options = ["--device=cpu", "--dtype=float32", "--tokens=2", "--contexts=8,20"]
     done = subprocess.run(
-        [sys.executable, str(script), str(tiny_llama), "--device=cpu", "--dtype=float32", "--tokens=2"],
+        [sys.executable, str(script), str(tiny_llama), *options],
         capture_output=True,
         text=True,
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "baseline" in done.stdout and "fused_residual" in done.stdout
+    assert "baseline" in done.stdout and "fused_residual" in done.stdout and "failed" not in done.stdout
+    assert "after    20 tokens" in done.stdout
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
