@@ -212,7 +212,8 @@ class SessionLoad:
         self._session: Session | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
-        self._alert = background and hasattr(signal, "pthread_kill")
+        self._handover = background  # the main thread has yet to take the session over (see session())
+        self._alert = background and hasattr(signal, "pthread_kill")  # not on Windows
         if not background:
             self._session = load_session(options)
             self._done.set()
@@ -261,13 +262,14 @@ class SessionLoad:
             raise self._error
         session = self._session
         assert session is not None
-        if self._alert:  # first call after a background load (each step may be redone if Ctrl+C cuts in)
+        if self._handover:  # each step may be redone if a Ctrl+C cuts in
             import torch
 
             # The thread count is per OpenMP thread: the load thread's setting does not reach this one.
             torch.set_num_threads(session.backend.info.threads)
-            signal.signal(signal.SIGUSR1, self._previous)
-            self._alert = False
+            if self._alert:
+                signal.signal(signal.SIGUSR1, self._previous)
+            self._handover = False
         return session
 
 

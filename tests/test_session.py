@@ -119,9 +119,14 @@ def test_threads_option_sets_torch_threads(request, backend):
         torch.set_num_threads(before)
 
 
-def test_background_load_gives_this_thread_the_threads_asked_for(llama_artifact):
+@pytest.mark.parametrize("alerts", [True, False], ids=["posix", "no-pthread_kill"])
+def test_background_load_gives_this_thread_the_threads_asked_for(llama_artifact, monkeypatch, alerts):
+    import signal
+
     from chat.session import SessionLoad
 
+    if not alerts:  # as on Windows: no SIGUSR1 alert, the rest is the same
+        monkeypatch.delattr(signal, "pthread_kill")
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
     try:
