@@ -1,22 +1,25 @@
 """A candidate CUDA decode step from fused Triton kernels, for the A/B in gpu_experiments.py (`triton_fused`).
 
 Under CUDA graphs a decode step of a small model costs its kernel count, not its bytes: the exported llama
-decode runs about 14 kernels a layer. Here a layer is five, each a `chat_triton::` custom op that
-torch.jit.trace records and a loaded artifact calls (import this module before torch.jit.load):
+decode runs about 14 kernels a layer. Here a layer is five kernels (six in buckets above SINGLE_PASS_MAX
+slots: attention's split pass and its reduction), from four `chat_triton::` custom ops that torch.jit.trace
+records and a loaded artifact calls (import this module before torch.jit.load):
 
   qkv_rope    RMSNorm (1/rms from x inside, the norm weight applied to x) + the q/k/v matrix-vector
               product + RoPE on q and k + k and v written into the caches at pos; returns q
-  attend      one program per query head (GQA: its kv head is head // groups) over cache slots 0..pos
-              only, online softmax in float32; pos is read on the device, so the loop is as long as the
-              context and the cache bucket (window) is not used at all
+  attend      attention of each query head (GQA: its kv head is head // groups) over cache slots 0..pos
+              only, online softmax in float32. pos is read on the device, and the cache bucket (window)
+              picks the launch when the op runs, i.e. when each bucket's CUDA graph is captured: up to
+              SINGLE_PASS_MAX slots one program per head walks 0..pos; above, flash-decoding: programs
+              (head, chunk of SPLIT_CHUNK slots) write partial softmax sums, a second kernel combines them
   add_matvec  x + W @ h, twice: attention output (wo) and MLP output (wdown)
   gated_mlp   RMSNorm + the gate/up product + silu(gate) * up
 
-plus the embedding, the final norm and the output head as aten ops: 5 * layers + 3 kernels a step.
-Every kernel reads the token's position from a device tensor, allocates nothing itself and launches on
-torch's current stream, so one capture replays any step. Products accumulate in float32; q, the attention
-output and the MLP activation stay float32 between kernels; the residual stream and the caches keep the
-model's dtype, as in the exported module.
+plus the embedding, the final norm and the output head as aten ops: 5 (or 6) * layers + 3 kernels a step.
+Every kernel reads the token's position from a device tensor, allocates nothing itself (attention's partial
+sums are a torch buffer) and launches on torch's current stream, so a bucket's capture replays any step in it.
+Products accumulate in float32; q, the attention output and the MLP activation stay float32 between kernels;
+the residual stream and the caches keep the model's dtype, as in the exported module.
 
 It is a candidate only: it becomes exporter code if it wins on the GPU. fused_decode() patches the exporter
 (prefill is unchanged; other families, biases and partial RoPE keep the exported decode). Without a GPU the
@@ -37,7 +40,13 @@ from chat.export.model import LeanLM
 PAIRS = 4  # qkv_rope: rotate-half pairs (2 rows each) per program
 ROWS = 8  # add_matvec and gated_mlp: output rows (gated_mlp: gate and up rows each) per program
 MAX_BLOCK_K = 128  # input features per loop step of a matrix-vector product
-BLOCK_T = 64  # cache slots per loop step of attention
+BLOCK_T = 64  # cache slots per loop step of single-pass attention
+# Buckets of up to SINGLE_PASS_MAX slots: at most 4 steps of one program per head. Longer ones split the slots
+# into chunks, one program each, since 9 programs walking ~1000 slots leave the GPU idle; a chunk of 128 is one
+# load of keys and one of values per program, and 8 chunks a head (72 programs) for the 1024-slot bucket.
+SINGLE_PASS_MAX = 256
+SPLIT_CHUNK = 128
+REDUCE_BLOCK = 16  # chunks combined per loop step of the reduction (2048 slots)
 
 
 @triton.jit
@@ -162,6 +171,78 @@ def _attend_kernel(
 
 
 @triton.jit
+def _attend_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    pos_ptr,
+    max_ptr,
+    sum_ptr,
+    acc_ptr,
+    cache_len,
+    scale,
+    SPLITS: tl.constexpr,
+    GROUPS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # Program: one query head over its chunk of slots, cut at pos. A chunk wholly past pos writes sums 0;
+    # the reduction does not read it anyway (its loop stops at pos's chunk).
+    head = tl.program_id(0)
+    split = tl.program_id(1)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + head * HEAD_DIM + d) * scale
+    pos = tl.load(pos_ptr)
+    t = split * CHUNK + tl.arange(0, CHUNK)
+    valid = t <= pos
+    offsets = (head // GROUPS) * cache_len * HEAD_DIM + t[:, None] * HEAD_DIM + d[None, :]
+    k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+    scores = tl.where(valid, tl.sum(k * q[None, :], 1), -float("inf"))
+    best = tl.max(scores, 0)
+    best = tl.where(best == -float("inf"), 0.0, best)  # an empty chunk: no -inf - -inf (nan) below
+    p = tl.exp(scores - best)  # 0 past pos
+    v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+    at = head * SPLITS + split
+    tl.store(max_ptr + at, best)
+    tl.store(sum_ptr + at, tl.sum(p, 0))
+    tl.store(acc_ptr + at * HEAD_DIM + d, tl.sum(p[:, None] * v, 0))
+
+
+@triton.jit
+def _attend_reduce_kernel(
+    max_ptr,
+    sum_ptr,
+    acc_ptr,
+    pos_ptr,
+    out_ptr,
+    SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # Program: one query head; its chunks up to pos's, combined as the single pass combines its steps.
+    head = tl.program_id(0)
+    d = tl.arange(0, HEAD_DIM)
+    pos = tl.load(pos_ptr)
+    best = -float("inf")
+    total = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start in range(0, pos // CHUNK + 1, BLOCK_S):  # chunk 0 holds slot 0: best is finite after this step
+        s = start + tl.arange(0, BLOCK_S)
+        valid = (s * CHUNK <= pos) & (s < SPLITS)
+        at = head * SPLITS + s
+        chunk_best = tl.load(max_ptr + at, mask=valid, other=-float("inf"))
+        new_best = tl.maximum(best, tl.max(chunk_best, 0))
+        shrink = tl.exp(best - new_best)
+        weight = tl.exp(chunk_best - new_best)  # 0 for the masked chunks
+        chunk_acc = tl.load(acc_ptr + at[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * shrink + tl.sum(weight[:, None] * chunk_acc, 0)
+        total = total * shrink + tl.sum(weight * tl.load(sum_ptr + at, mask=valid, other=0.0), 0)
+        best = new_best
+    tl.store(out_ptr + head * HEAD_DIM + d, acc / total)
+
+
+@triton.jit
 def _add_matvec_kernel(
     x_ptr, w_ptr, h_ptr, out_ptr, OUT: tl.constexpr, INNER: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr
 ):
@@ -247,28 +328,64 @@ def _(x, norm_weight, wqkv, cos, sin, pos, k_cache, v_cache, eps):
 
 
 @torch.library.custom_op("chat_triton::attend", mutates_args=())
-def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Attention of q's heads (float32, flat) over cache slots 0..pos; float32, flat."""
+def attend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, window: torch.Tensor
+) -> torch.Tensor:
+    """Attention of q's heads (float32, flat) over cache slots 0..pos < len(window); float32, flat. Only the
+    window's length is read: it picks the single pass or the split one (see SINGLE_PASS_MAX)."""
     _, kv_heads, cache_len, head_dim = k_cache.shape
     out = torch.empty_like(q)
     heads = q.shape[0] // head_dim
-    _attend_kernel[(heads,)](
+    scale = 1 / math.sqrt(head_dim)
+    if window.shape[0] <= SINGLE_PASS_MAX:
+        _attend_kernel[(heads,)](
+            q,
+            k_cache,
+            v_cache,
+            pos,
+            out,
+            cache_len,
+            scale,
+            GROUPS=heads // kv_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_T=BLOCK_T,
+        )
+        return out
+    splits = triton.cdiv(window.shape[0], SPLIT_CHUNK)
+    best = torch.empty(heads, splits, dtype=torch.float32, device=q.device)
+    total = torch.empty_like(best)
+    acc = torch.empty(heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    _attend_split_kernel[(heads, splits)](
         q,
         k_cache,
         v_cache,
         pos,
-        out,
+        best,
+        total,
+        acc,
         cache_len,
-        1 / math.sqrt(head_dim),
+        scale,
+        SPLITS=splits,
         GROUPS=heads // kv_heads,
         HEAD_DIM=head_dim,
-        BLOCK_T=BLOCK_T,
+        CHUNK=SPLIT_CHUNK,
+    )
+    _attend_reduce_kernel[(heads,)](
+        best,
+        total,
+        acc,
+        pos,
+        out,
+        SPLITS=splits,
+        HEAD_DIM=head_dim,
+        CHUNK=SPLIT_CHUNK,
+        BLOCK_S=min(REDUCE_BLOCK, triton.next_power_of_2(splits)),
     )
     return out
 
 
 @attend.register_fake
-def _(q, k_cache, v_cache, pos):
+def _(q, k_cache, v_cache, pos, window):
     return torch.empty_like(q)
 
 
@@ -326,13 +443,14 @@ def fusable(lean: LeanLM) -> bool:
     )
 
 
-def decode_fused(lean: LeanLM, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """LeanLM.decode with five fused ops a layer; positions holds the token's position (one element)."""
+def decode_fused(lean: LeanLM, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """LeanLM.decode with four fused ops a layer; positions holds the token's position (one element), window
+    the cache bucket, whose length the traced graph passes on as it is (attend's launch depends on it)."""
     s = lean.shape
     x = F.embedding(ids, lean.embed)[0]
     for block in lean.blocks:
         q = qkv_rope(x, block.ln1, block.wqkv, lean.cos, lean.sin, positions, block.k_cache, block.v_cache, s.norm_eps)
-        x = add_matvec(x, block.wo, attend(q, block.k_cache, block.v_cache, positions))
+        x = add_matvec(x, block.wo, attend(q, block.k_cache, block.v_cache, positions, window))
         x = add_matvec(x, block.wdown, gated_mlp(x, block.ln2, block.wup, s.norm_eps))
     x = F.rms_norm(x, (s.hidden_size,), lean.norm_w, s.norm_eps)
     return torch.mv(lean.embed if lean.lm_head is None else lean.lm_head, x)
@@ -344,7 +462,7 @@ def fused_decode() -> Iterator[None]:
     plain = LeanLM.decode
 
     def decode(self: LeanLM, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        return decode_fused(self, ids, positions) if fusable(self) else plain(self, ids, positions, window)
+        return decode_fused(self, ids, positions, window) if fusable(self) else plain(self, ids, positions, window)
 
     LeanLM.decode = decode
     try:
