@@ -20,9 +20,9 @@ Options:
 Every measurement runs in its own process, so each backend's peak memory is its own. Both backends are
 driven through the same chat.generation.ReplyStream, greedy, with min_new_tokens = max_new_tokens so that
 EOS does not end a reply early. The TorchScript artifact is MODEL/torchscript/DEVICE-DTYPE, exported first
-(without --verify) if it is not there. On CPU the floor is the time of the weight matmuls of one token
-(F.linear, M=1, the checkpoint's own weight shapes), measured in the same run and as decode is: the mean
-over the reply's tokens, best of the runs.
+(without --verify) if it is not there or is older than the exporter's code. On CPU the floor is the time of
+the weight matmuls of one token (F.linear, M=1, the checkpoint's own weight shapes), measured in the same
+run and as decode is: the mean over the reply's tokens, best of the runs.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def run_all(common: dict, out: Path) -> int:
     rows, results = [], {"machine": machine(common["device"]), "settings": common, "runs": []}
     for dtype in common["dtypes"].split(","):
         artifact = artifact_dir_for(model, common["device"], dtype)
-        if not is_artifact(artifact):
+        if not is_artifact(artifact) or older_than_exporter(artifact):
             print(f"exporting {artifact} first", file=sys.stderr, flush=True)
             from chat.export import export, stderr_progress
 
@@ -100,6 +100,15 @@ def run_all(common: dict, out: Path) -> int:
     (out / "bench.md").write_text(markdown)
     print(markdown)
     return 0
+
+
+def older_than_exporter(artifact: Path) -> bool:
+    """Whether the exporter's code changed since `artifact` was written: the table must measure the code as it is
+    (as `make demo-artifact` re-exports the demo's artifact)."""
+    from chat.artifact import MANIFEST
+
+    written = (artifact / MANIFEST).stat().st_mtime
+    return any(source.stat().st_mtime > written for source in (REPO / "chat" / "export").glob("*.py"))
 
 
 def worker(common: dict, what: str, dtype: str) -> dict:

@@ -225,6 +225,22 @@ def test_bench_runs_both_backends(tiny_llama, tmp_path):
     assert run["floor_tok_s"] > 0 and "| float32 | 8 | torchscript |" in done.stdout
 
 
+def test_bench_re_exports_an_artifact_older_than_the_exporter(tmp_path):
+    import importlib.util
+    import os
+    import time
+
+    spec = importlib.util.spec_from_file_location("bench", SCRIPT.parent / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    (tmp_path / MANIFEST).write_text("{}")
+    os.utime(tmp_path / MANIFEST, (0, 0))  # written before chat/export/*.py was last changed
+    assert bench.older_than_exporter(tmp_path)
+    later = time.time() + 3600
+    os.utime(tmp_path / MANIFEST, (later, later))
+    assert not bench.older_than_exporter(tmp_path)
+
+
 def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
     """scripts/profile_decode.py, the tool that says where a decode step goes, runs on an artifact."""
     artifact = export(str(tiny_llama), tmp_path / "ts", max_len=64)
