@@ -241,6 +241,14 @@ def test_bench_re_exports_an_artifact_older_than_the_exporter(tmp_path):
     assert not bench.older_than_exporter(tmp_path)
 
 
+def test_bench_peak_memory_is_the_workers_own():
+    """Workers start after the parent may have exported (GBs); their peak must not include the parent's."""
+    parent = bytearray(400 * 2**20)  # 400 MiB, touched
+    code = f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import bench; print(bench.peak_rss_mib())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(done.stdout) < 300 and len(parent) > 0
+
+
 def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
     """scripts/profile_decode.py, the tool that says where a decode step goes, runs on an artifact."""
     artifact = export(str(tiny_llama), tmp_path / "ts", max_len=64)
