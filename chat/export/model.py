@@ -137,7 +137,9 @@ class Layer(nn.Module):
         h = self._norm(x, self.ln2, self.ln2_b)
         if s.activation == "silu":
             gate, up = linear(h, self.wup, self.bup, "wup" in t).chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            # On CPU in place (gate is a fresh matmul output): no new (tokens, intermediate) tensors, 11-13% off a
+            # 512-token prefill and 3-4% off decode; CUDA keeps the out-of-place form its fuser makes one kernel.
+            h = F.silu(gate) * up if self.for_cuda else F.silu(gate, inplace=True).mul_(up)
         else:
             h = F.gelu(linear(h, self.wup, self.bup, "wup" in t), approximate="tanh")
         return self._add_linear(x, h, self.wdown, self.bdown, "wdown")
