@@ -41,7 +41,7 @@ EOF
 step "CUDA tests, and the fused Triton candidate's kernels compiled for real against the exported decode"
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_torchscript_backend.py tests/test_triton_decode.py -k "cuda or triton or fused" -rs 2>&1 | tail -40
 
-step "export cuda bfloat16 --verify (near ties allowed, see README, "Exporting")"
+step "export cuda bfloat16 --verify (near ties allowed, see README, Exporting)"
 timeout 180 python3 scripts/export_torchscript.py "$MODEL" "$MODEL/torchscript/cuda-bfloat16" --device=cuda --dtype=bfloat16 --verify \
     || { echo "bf16 verify did not pass; exporting without it for the bench"; \
          python3 scripts/export_torchscript.py "$MODEL" "$MODEL/torchscript/cuda-bfloat16" --device=cuda --dtype=bfloat16; }
@@ -72,4 +72,4 @@ for graphs in (True, False):
     b.close(); torch.cuda.empty_cache()
 EOF
 
-step done
+step "done"
