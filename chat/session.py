@@ -168,8 +168,10 @@ class Session:
             self.ask(text)
 
 
-def load_session(options: Options, announce: bool = True) -> Session:
-    """Load the model and make the session (its notes, e.g. why auto fell back, are for the caller to show)."""
+def load_session(options: Options, announce: bool = True, source: str | None = None) -> Session:
+    """Load the model and make the session (its notes, e.g. why auto fell back, are for the caller to show).
+
+    source: the local directory options.model was resolved to (a Hub snapshot), if that is done already."""
     from chat.backends.base import LoadOptions
     from chat.backends.select import load_backend
 
@@ -177,7 +179,7 @@ def load_session(options: Options, announce: bool = True) -> Session:
     if announce and sys.stderr.isatty():
         print(f"loading {options.model} ...", file=sys.stderr, flush=True)
     load = LoadOptions(
-        model=options.model,
+        model=source or options.model,
         device=options.device,
         dtype=options.dtype,
         threads=options.threads,
@@ -185,6 +187,7 @@ def load_session(options: Options, announce: bool = True) -> Session:
         trust_remote_code=options.trust_remote_code,
     )
     backend = load_backend(load, options.backend)
+    backend.info.model = options.model  # the name the user gave, for !status and saved sessions
     # Ours, then what the model recommends, then what the user typed.
     params = GenerationParams(**model_recommendations(backend.info.path)).replace(**options.param_changes)
     if options.load is not None:  # a resumed session brings its own parameters and history
@@ -203,19 +206,21 @@ class SessionLoad:
     """The model loading for an interactive chat: in a thread while the person types their first message,
     so the prompt shows at once (loading takes seconds, most of them importing torch and reading weights).
 
-    Only a local model loads in the background: a Hub download shows its progress in the foreground, and
-    --verbose keeps the plain order for debugging. If the load fails, the main thread is interrupted at the
-    prompt (SIGUSR1, like Ctrl+C for readline), so the error shows at once rather than after a message."""
+    A Hub model is found (or downloaded, with progress) in the foreground first, and `source` names its
+    local snapshot; --verbose keeps the plain order for debugging. If the load fails, the main thread is
+    interrupted at the prompt (SIGUSR1, like Ctrl+C for readline), so the error shows at once rather than
+    after a message."""
 
-    def __init__(self, options: Options, background: bool):
+    def __init__(self, options: Options, background: bool, source: str | None = None):
         self.options = options
         self._session: Session | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._handover = background  # the main thread has yet to take the session over (see session())
         self._alert = background and hasattr(signal, "pthread_kill")  # not on Windows
+        self._source = source
         if not background:
-            self._session = load_session(options)
+            self._session = load_session(options, source=source)
             self._done.set()
             return
         if self._alert:
@@ -225,7 +230,7 @@ class SessionLoad:
 
     def _load(self) -> None:
         try:
-            self._session = load_session(self.options, announce=False)
+            self._session = load_session(self.options, announce=False, source=self._source)
         except BaseException as why:  # handed to the main thread as it is
             self._error = why
         self._done.set()
@@ -280,8 +285,15 @@ def run(options: Options) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
     if options.prompt is None and is_interactive():
-        local = Path(options.model).expanduser().is_dir()
-        load = SessionLoad(options, background=local and not options.verbose)
+        background = not options.verbose
+        source = None
+        if background and not Path(options.model).expanduser().is_dir():
+            from chat.backends.base import LoadOptions
+            from chat.backends.hub import locate_model
+
+            # A Hub model: found in the cache (or downloaded, its progress shown) before the prompt.
+            source = str(locate_model(LoadOptions(model=options.model, offline=options.offline)))
+        load = SessionLoad(options, background=background, source=source)
         code = interactive(options, load)
         if load.loading:  # left before the model was in: a normal exit would wait for the load thread
             sys.stdout.flush()

@@ -163,6 +163,28 @@ def test_leaving_while_the_model_loads(tiny_llama, tmp_path):
     assert child.exitstatus == 0 and "Traceback" not in child.before
 
 
+def test_hub_model_from_the_cache_loads_behind_the_prompt(tiny_llama, tmp_path, monkeypatch):
+    """A Hub id is found in the Hugging Face cache before the prompt, then loads like a local model; the
+    session still names it by its id."""
+    import shutil
+
+    commit = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--someone--tiny-chat"
+    shutil.copytree(tiny_llama, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    child = spawn("someone/tiny-chat", "--max-new-tokens", "4", tmp_path=tmp_path)
+    child.sendline("Hello")
+    child.expect_exact("(transformers on cpu, float32)")
+    child.expect_exact("tiny-chat: ")
+    child.expect_exact(PROMPT)
+    child.sendline("!status")
+    child.expect(r"model\s+someone/tiny-chat \(")  # the id, then the snapshot it loaded from
+    child.expect_exact(PROMPT)
+    quit_with_eof(child)
+
+
 def test_piped_stdin_replies_only(tiny_llama, tmp_path):
     lines = "Hello\n\n!set max_new_tokens=2\n!bogus\nSecond\n"
     result = subprocess.run(

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from chat.backends.base import BackendInfo, LoadOptions, Message, common_prefix, cpu_threads
+from chat.backends.hub import locate_model
 from chat.errors import ChatError, UsageError
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds memory and keeps Ctrl+C responsive
@@ -55,41 +56,6 @@ class HFTokenizer:
             return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as why:  # jinja raises TemplateError from the template's own checks
             raise ChatError(f"the model's chat template refused these messages: {why}") from None
-
-
-def locate_model(options: LoadOptions) -> Path:
-    """A local directory for the model: the path itself, or a Hub snapshot (downloaded unless offline)."""
-    path = Path(options.model).expanduser()
-    if path.is_dir():
-        return path
-    looks_like_path = options.model.startswith((".", "/", "~")) or options.model.count("/") > 1
-    if looks_like_path or path.exists():
-        raise UsageError(f"model directory {options.model} does not exist; check the path")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    # Only what loading needs: safetensors weights, or the older *.bin where a model has no safetensors.
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
-    try:
-        path = Path(snapshot_download(options.model, allow_patterns=patterns, local_files_only=options.offline))
-        if not any(path.glob("*.safetensors")):
-            path = Path(
-                snapshot_download(options.model, allow_patterns=[*patterns, "*.bin"], local_files_only=options.offline)
-            )
-        return path
-    except RepositoryNotFoundError:
-        raise ChatError(
-            f"no model '{options.model}' on the Hugging Face Hub (or it is private: run `hf auth login`)"
-        ) from None
-    except LocalEntryNotFoundError:
-        raise ChatError(
-            f"'{options.model}' is not in the local Hugging Face cache and offline mode is on; "
-            "run once online, or name a local directory"
-        ) from None
-    except (HfHubHTTPError, OSError) as why:
-        raise ChatError(f"could not download '{options.model}' ({why}); check the network or use --offline") from None
-    except ValueError as why:  # an invalid repo id
-        raise UsageError(f"'{options.model}' is neither a directory nor a Hub model id ({why})") from None
 
 
 def check_model_dir(path: Path, trust_remote_code: bool) -> dict:

@@ -61,7 +61,8 @@ def export(
 ) -> Path:
     """Write the artifact of `model` (a directory or Hub id) to `outdir`, atomically; return outdir."""
     from chat.backends.base import LoadOptions
-    from chat.backends.transformers_backend import check_model_dir, locate_model, resolve_device
+    from chat.backends.hub import locate_model
+    from chat.backends.transformers_backend import check_model_dir, resolve_device
     from chat.export.families import context_limit, convert, family_of
 
     if dtype not in ("float32", "bfloat16", "float16"):

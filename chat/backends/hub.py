@@ -1,0 +1,47 @@
+"""Where a model named on the command line lives: a local directory, or a Hugging Face Hub snapshot.
+
+No torch here: the interactive chat resolves (and, if need be, downloads) a Hub model before its prompt,
+with progress shown, then loads it in the background (chat.session.SessionLoad).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chat.backends.base import LoadOptions
+from chat.errors import ChatError, UsageError
+
+
+def locate_model(options: LoadOptions) -> Path:
+    """A local directory for the model: the path itself, or a Hub snapshot (downloaded unless offline)."""
+    path = Path(options.model).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_path = options.model.startswith((".", "/", "~")) or options.model.count("/") > 1
+    if looks_like_path or path.exists():
+        raise UsageError(f"model directory {options.model} does not exist; check the path")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    # Only what loading needs: safetensors weights, or the older *.bin where a model has no safetensors.
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+    try:
+        path = Path(snapshot_download(options.model, allow_patterns=patterns, local_files_only=options.offline))
+        if not any(path.glob("*.safetensors")):
+            path = Path(
+                snapshot_download(options.model, allow_patterns=[*patterns, "*.bin"], local_files_only=options.offline)
+            )
+        return path
+    except RepositoryNotFoundError:
+        raise ChatError(
+            f"no model '{options.model}' on the Hugging Face Hub (or it is private: run `hf auth login`)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ChatError(
+            f"'{options.model}' is not in the local Hugging Face cache and offline mode is on; "
+            "run once online, or name a local directory"
+        ) from None
+    except (HfHubHTTPError, OSError) as why:
+        raise ChatError(f"could not download '{options.model}' ({why}); check the network or use --offline") from None
+    except ValueError as why:  # an invalid repo id
+        raise UsageError(f"'{options.model}' is neither a directory nor a Hub model id ({why})") from None
