@@ -140,6 +140,23 @@ def test_background_load_gives_this_thread_the_threads_asked_for(llama_artifact,
         torch.set_num_threads(before)
 
 
+def test_background_load_warms_up_and_replies_as_a_cold_load(llama_artifact):
+    """The background load runs the model once on the prompt's start, which stays cached; the first reply
+    is token for token what a cold session gives."""
+    from chat.session import SessionLoad
+
+    argv = [str(llama_artifact), "--temperature", "0", "--max-new-tokens", "8", "--system", "Be brief."]
+    warm = SessionLoad(parse_args(argv), background=True).session(lambda _: None)
+    cold = load_session(parse_args(argv))
+    assert warm.backend._cached and not cold.backend._cached
+    replies = []
+    for session in (warm, cold):
+        session.out, session.err = io.StringIO(), io.StringIO()
+        assert session.ask("Hello there")
+        replies.append(session.conversation.messages[-1]["content"])
+    assert replies[0] == replies[1]
+
+
 def test_background_load_failure_is_raised_where_the_session_is_asked_for(tmp_path):
     from chat.errors import ChatError
     from chat.session import SessionLoad
