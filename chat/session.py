@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chat import conversation as storage
 from chat.conversation import Conversation
 from chat.errors import ChatError
-from chat.params import GenerationParams, model_recommendations
+from chat.params import GenerationParams
 from chat.prompt import build_prompt, encode
 from chat.terminal import Style, is_interactive, piped_messages, quiet_typing, read_message, setup_readline
 
@@ -23,6 +20,7 @@ if TYPE_CHECKING:
     from chat.backends.base import Backend
     from chat.cli import Options
     from chat.generation import ReplyStats
+    from chat.loading import SessionLoad
 
 
 class Session:
@@ -179,118 +177,14 @@ class Session:
             self.ask(text)
 
 
-def load_session(options: Options, announce: bool = True, source: str | None = None) -> Session:
-    """Load the model and make the session (its notes, e.g. why auto fell back, are for the caller to show).
-
-    source: the local directory options.model was resolved to (a Hub snapshot), if that is done already."""
-    from chat.backends.base import LoadOptions
-    from chat.backends.select import load_backend
-
-    conversation = Conversation(system=options.system)
-    if announce and sys.stderr.isatty():
-        print(f"loading {options.model} ...", file=sys.stderr, flush=True)
-    load = LoadOptions(
-        model=source or options.model,
-        device=options.device,
-        dtype=options.dtype,
-        threads=options.threads,
-        offline=options.offline,
-        trust_remote_code=options.trust_remote_code,
-    )
-    backend = load_backend(load, options.backend)
-    backend.info.model = options.model  # the name the user gave, for !status and saved sessions
-    # Ours, then what the model recommends, then what the user typed.
-    params = GenerationParams(**model_recommendations(backend.info.path)).replace(**options.param_changes)
-    if options.load is not None:  # a resumed session brings its own parameters and history
-        conversation, params = storage.load(options.load, params)
-        if options.system is not None:
-            conversation.system = options.system
-    return Session(backend, options, conversation, params)
-
-
 def show_notes(session: Session) -> None:
     for note in session.backend.info.notes:
         session.notice(note)
 
 
-class SessionLoad:
-    """The model loading for an interactive chat: in a thread while the person types their first message,
-    so the prompt shows at once (loading takes seconds, most of them importing torch and reading weights).
-
-    A Hub model is found (or downloaded, with progress) in the foreground first, and `source` names its
-    local snapshot; --verbose keeps the plain order for debugging. If the load fails, the main thread is
-    interrupted at the prompt (SIGUSR1, like Ctrl+C for readline), so the error shows at once rather than
-    after a message."""
-
-    def __init__(self, options: Options, background: bool, source: str | None = None):
-        self.options = options
-        self._session: Session | None = None
-        self._error: BaseException | None = None
-        self._done = threading.Event()
-        self._handover = background  # the main thread has yet to take the session over (see session())
-        self._alert = background and hasattr(signal, "pthread_kill")  # not on Windows
-        self._source = source
-        if not background:
-            self._session = load_session(options, source=source)
-            self._done.set()
-            return
-        if self._alert:
-            self._previous = signal.signal(signal.SIGUSR1, self._on_failure)
-        self._thread = threading.Thread(target=self._load, name="chat-load", daemon=True)
-        self._thread.start()
-
-    def _load(self) -> None:
-        try:
-            self._session = load_session(self.options, announce=False, source=self._source)
-            self._session.warm_up()
-        except BaseException as why:  # handed to the main thread as it is
-            self._error = why
-        self._done.set()
-        if self._error is not None and self._alert:
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-
-    def _on_failure(self, signum: int, frame: object) -> None:
-        if self._error is None:
-            return
-        try:  # a message half typed goes into the input history: Up brings it back next time
-            import readline
-
-            if readline.get_line_buffer().strip():
-                readline.add_history(readline.get_line_buffer())
-        except ImportError:
-            pass
-        print(file=sys.stderr)
-        raise self._error
-
-    @property
-    def loading(self) -> bool:
-        return not self._done.is_set()
-
-    def close(self) -> None:
-        if self._session is not None:
-            self._session.backend.close()
-
-    def session(self, notice: Callable[[str], None]) -> Session:
-        """The loaded session, waiting for it (with a notice) if need be; raises what the load raised."""
-        if not self._done.is_set():
-            notice("(loading the model ...)")
-            self._done.wait()
-        if self._error is not None:
-            raise self._error
-        session = self._session
-        assert session is not None
-        if self._handover:  # each step may be redone if a Ctrl+C cuts in
-            import torch
-
-            # The thread count is per OpenMP thread: the load thread's setting does not reach this one.
-            torch.set_num_threads(session.backend.info.threads)
-            if self._alert:
-                signal.signal(signal.SIGUSR1, self._previous)
-            self._handover = False
-        return session
-
-
 def run(options: Options) -> int:
+    from chat.loading import SessionLoad, load_session
+
     if not options.verbose:
         # Library deprecation chatter (TorchScript, transformers) is for developers, not chat users.
         warnings.filterwarnings("ignore", category=FutureWarning)

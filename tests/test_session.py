@@ -11,7 +11,7 @@ from helpers import make_session, output
 
 from chat.backends.base import LoadOptions, cpu_threads
 from chat.cli import parse_args
-from chat.session import load_session
+from chat.loading import load_session
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_threads_option_sets_torch_threads(request, backend):
 def test_background_load_gives_this_thread_the_threads_asked_for(llama_artifact, monkeypatch, alerts):
     import signal
 
-    from chat.session import SessionLoad
+    from chat.loading import SessionLoad
 
     if not alerts:  # as on Windows: no SIGUSR1 alert, the rest is the same
         monkeypatch.delattr(signal, "pthread_kill")
@@ -143,7 +143,7 @@ def test_background_load_gives_this_thread_the_threads_asked_for(llama_artifact,
 def test_background_load_warms_up_and_replies_as_a_cold_load(llama_artifact):
     """The background load runs the model once on the prompt's start, which stays cached; the first reply
     is token for token what a cold session gives."""
-    from chat.session import SessionLoad
+    from chat.loading import SessionLoad
 
     argv = [str(llama_artifact), "--temperature", "0", "--max-new-tokens", "8", "--system", "Be brief."]
     warm = SessionLoad(parse_args(argv), background=True).session(lambda _: None)
@@ -159,7 +159,7 @@ def test_background_load_warms_up_and_replies_as_a_cold_load(llama_artifact):
 
 def test_background_load_failure_is_raised_where_the_session_is_asked_for(tmp_path):
     from chat.errors import ChatError
-    from chat.session import SessionLoad
+    from chat.loading import SessionLoad
 
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     load = SessionLoad(parse_args([str(tmp_path), "--backend", "transformers"]), background=True)
@@ -384,7 +384,7 @@ def test_model_recommendations_then_user_choices(tiny_llama, tmp_path):
     import shutil
 
     from chat.cli import parse_args
-    from chat.session import load_session
+    from chat.loading import load_session
 
     model = tmp_path / "model"
     shutil.copytree(tiny_llama, model)

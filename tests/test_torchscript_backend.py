@@ -185,7 +185,7 @@ def test_cuda_graphs_captured_in_a_load_thread_replay_in_the_main_thread(tiny_ll
     artifact = export(str(tiny_llama), tmp_path / "cuda", device="cuda", max_len=256)
     loaded = {}
     thread = threading.Thread(target=lambda: loaded.update(backend=TorchScriptBackend(artifact)))
-    thread.start()  # as the interactive chat loads (chat.session.SessionLoad)
+    thread.start()  # as the interactive chat loads (chat.loading.SessionLoad)
     thread.join()
     graphed, plain = loaded["backend"], TorchScriptBackend(artifact, cuda_graphs=False)
     assert graphed._graphs

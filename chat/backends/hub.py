@@ -1,7 +1,7 @@
 """Where a model named on the command line lives: a local directory, or a Hugging Face Hub snapshot.
 
 No torch here: the interactive chat resolves (and, if need be, downloads) a Hub model before its prompt,
-with progress shown, then loads it in the background (chat.session.SessionLoad).
+with progress shown, then loads it in the background (chat.loading.SessionLoad).
 """
 
 from __future__ import annotations
