@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from chat.export import trace
 from chat.export.families import convert
 from chat.export.model import LeanLM, allocate_cache, quiet_torchscript
 
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MAX_LEN = TINY_DECODER["max_position_embeddings"]
 VOCAB = 300
@@ -165,3 +167,13 @@ def test_traced_artifact_with_fused_ops_runs(tmp_path, monkeypatch):
             assert int(got.argmax()) == int(expected.argmax())
             heads, splits = lean.shape.heads, LARGE // SPLIT_CHUNK
             assert split_launches[launches:] == ([] if bucket == SMALL else [(heads, splits)] * lean.shape.layers)
+
+
+def test_kernels_compile_for_hopper():
+    """scripts/triton_compile_check.py, in a process of its own: the interpreter this file runs does not compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "triton_compile_check.py")], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "kernels for sm_90" in done.stdout
