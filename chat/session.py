@@ -199,6 +199,8 @@ def run(options: Options) -> int:
 
             # A Hub model: found in the cache (or downloaded, its progress shown) before the prompt.
             source = str(locate_model(LoadOptions(model=options.model, offline=options.offline)))
+        if options.load is not None:  # a bad --load file stops the chat before its prompt, not seconds after
+            storage.load(options.load, GenerationParams())
         load = SessionLoad(options, background=background, source=source)
         code = interactive(options, load)
         if load.loading:  # left before the model was in: a normal exit would wait for the load thread

@@ -140,6 +140,21 @@ def test_prompt_shows_while_the_model_loads_and_a_load_error_interrupts_it(tiny_
     assert "a message half typed" in (tmp_path / "state" / "chat" / "history").read_text()
 
 
+def test_bad_load_file_fails_before_the_prompt(tiny_llama, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "chat-session", "messages": 5}')
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "chat", str(tiny_llama), "--load", str(bad)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1", "XDG_STATE_HOME": str(tmp_path / "state")},
+        encoding="utf-8",
+        timeout=120,
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 1 and "User:" not in child.before and "nothing was loaded" in child.before
+
+
 def test_help_and_exit_need_no_model(tiny_llama, tmp_path):
     child = spawn(tiny_llama, "--max-new-tokens", "4", tmp_path=tmp_path)
     child.sendline("!help")
