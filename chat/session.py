@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -199,7 +200,7 @@ def run(options: Options) -> int:
 
             # A Hub model: found in the cache (or downloaded, its progress shown) before the prompt.
             source = str(locate_model(LoadOptions(model=options.model, offline=options.offline)))
-        if options.load is not None:  # a bad --load file stops the chat before its prompt, not seconds after
+        if background and options.load is not None:  # a bad --load file stops the chat before its prompt
             storage.load(options.load, GenerationParams())
         load = SessionLoad(options, background=background, source=source)
         code = interactive(options, load)
@@ -228,6 +229,10 @@ def interactive(options: Options, load: SessionLoad) -> int:
 
     save_history = setup_readline()
     style = Style(sys.stdout)
+
+    def notice(text: str) -> None:  # as Session.notice, also before there is a session
+        print(style.note(text), file=sys.stderr, flush=True)
+
     label = model_label(options.model)
     session: Session | None = None
     if load.loading:
@@ -247,7 +252,7 @@ def interactive(options: Options, load: SessionLoad) -> int:
                 text = read_message(prompt, more)
             except KeyboardInterrupt:
                 print()
-                print(style.note("(Ctrl+D or !exit to quit)"), file=sys.stderr, flush=True)
+                notice("(Ctrl+D or !exit to quit)")
                 continue
             except EOFError:
                 print()
@@ -262,14 +267,10 @@ def interactive(options: Options, load: SessionLoad) -> int:
                 if command == "exit":
                     break
                 try:
-                    session = _ready(load, style)
+                    session = _ready(load, notice)
                 except KeyboardInterrupt:
                     print()
-                    print(
-                        style.note("(not sent: the model is still loading; Up brings the message back)"),
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                    notice("(not sent: the model is still loading; Up brings the message back)")
                     continue
             session.handle(text)
     finally:
@@ -277,9 +278,9 @@ def interactive(options: Options, load: SessionLoad) -> int:
     return 0
 
 
-def _ready(load: SessionLoad, style: Style) -> Session:
+def _ready(load: SessionLoad, notice: Callable[[str], None]) -> Session:
     """The session once loaded in the background, told to the person in one line with what runs it."""
-    session = load.session(lambda text: print(style.note(text), file=sys.stderr, flush=True))
+    session = load.session(notice)
     session.conversational = True
     info = session.backend.info
     session.notice(f"({info.name} on {info.device}, {info.dtype})")
