@@ -32,6 +32,15 @@ RUN /opt/chat/bin/pip install --no-deps /src \
     && /opt/chat/bin/pip check \
     && /opt/chat/bin/python -c "import torch; assert not torch.version.cuda, 'CPU torch expected'"
 
+# chat's native CPU kernels (chat/native), compiled against this torch into the package, where chat looks
+# first: the runtime image needs no compiler. g++ stays in this stage only.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && /opt/chat/bin/python -m chat.native \
+        --into="$(/opt/chat/bin/python -c 'from chat import native; print(native.PACKAGED)')"
+
 # ---- runtime: the slim base, the virtual environment, a non-root user ----
 FROM ${PYTHON_IMAGE}
 

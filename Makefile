@@ -9,7 +9,7 @@ DEMO_STAMP := $(DEMO)/.complete
 # The demo model exported for this CPU: bfloat16 is the fastest here (see README, "Benchmark").
 DEMO_ARTIFACT := $(DEMO)/torchscript/cpu-bfloat16
 
-.PHONY: help venv demo demo-model demo-artifact test lint format bench bundle bundle-test clean
+.PHONY: help venv native demo demo-model demo-artifact test lint format bench bundle bundle-test clean
 
 help:
 	@echo "make demo    install into .venv, fetch the demo model and chat with it"
@@ -29,6 +29,11 @@ $(VENV)/.installed: pyproject.toml requirements/torch.txt requirements/runtime.t
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
+# chat's native CPU kernels (chat/native): compiled once per torch and source into ~/.cache/chat/native
+# (about 10 s of g++); without them the same ops run on torch's own kernels, slower.
+native: $(VENV)/.installed
+	$(BIN)/python -m chat.native
+
 demo-model: $(DEMO_STAMP)
 
 $(DEMO_STAMP): $(VENV)/.installed
@@ -36,8 +41,9 @@ $(DEMO_STAMP): $(VENV)/.installed
 
 demo-artifact: $(DEMO_ARTIFACT)/chat-artifact.json
 
-# Re-exported when the exporter changes, so a pulled speed-up reaches the demo (a few seconds).
-$(DEMO_ARTIFACT)/chat-artifact.json: $(DEMO_STAMP) $(wildcard chat/export/*.py)
+# Re-exported when the exporter or the native kernels change, so a pulled speed-up reaches the demo (export
+# builds the kernels when they are missing).
+$(DEMO_ARTIFACT)/chat-artifact.json: $(DEMO_STAMP) $(wildcard chat/export/*.py) chat/native/kernels.cpp
 	$(BIN)/python scripts/export_torchscript.py $(DEMO) $(DEMO_ARTIFACT) --dtype=bfloat16
 
 # With a terminal, open the chat; without one (CI, a pipe), answer one question instead of waiting.
@@ -46,7 +52,7 @@ demo: demo-model demo-artifact
 	else $(BIN)/chat $(DEMO) --temperature 0 --prompt "What is the capital of France?"; \
 	echo "(no terminal: run .venv/bin/chat to chat)"; fi
 
-test: demo-model demo-artifact
+test: demo-model demo-artifact native
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: venv

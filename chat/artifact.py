@@ -17,6 +17,7 @@ from chat.errors import ChatError
 MANIFEST = "chat-artifact.json"
 FORMAT = "chat-torchscript-artifact"
 FORMAT_VERSION = 1
+KNOWN_OPS = ("chat",)
 MODEL_FILE = "model.ts"
 # Where a model directory keeps its exports: <model_dir>/torchscript/<device>-<dtype>/.
 ARTIFACTS_SUBDIR = "torchscript"
@@ -106,6 +107,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     eos = manifest["eos_token_ids"]
     if not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
         raise ArtifactError(f"{path} has invalid eos_token_ids (a list of token ids); {fix}")
+    ops = manifest.get("ops", [])  # torch.ops namespaces the module calls besides aten (see chat.native)
+    if not (isinstance(ops, list) and all(op in KNOWN_OPS for op in ops)):
+        raise ArtifactError(f"{path} needs ops this chat does not provide ({ops!r}); {fix}")
     for name, entry in manifest["files"].items():
         # Plain names in the artifact directory, each with its size and hash.
         if not (

@@ -63,6 +63,16 @@ def smoke(exe: Path, artifact: Path, env: dict[str, str]) -> bool:
     seconds, reply = bb.one_shot([str(exe), "--model", str(artifact)], env)
     ok &= check("Paris" in reply, f"one-shot --prompt answers Paris ({seconds:.1f} s): {reply[:60]!r}")
 
+    # With no user cache to find them in, the kernels must come from the bundle (else a note says they're missing).
+    no_cache = {**env, "CHAT_NATIVE_DIR": "/nonexistent"}
+    command = [str(exe), "--model", str(artifact), "--prompt", "Hi", "--max-new-tokens", "2"]
+    done = subprocess.run(command, env=no_cache, capture_output=True, text=True, timeout=300)
+    ok &= check(
+        done.returncode == 0 and "native kernels" not in done.stderr,
+        "decodes on the bundled native kernels",
+        done.stderr[-2000:],
+    )
+
     start = time.perf_counter()
     child = pexpect.spawn(
         str(exe), ["--model", str(artifact), "--temperature", "0"], env=env, encoding="utf-8", timeout=300

@@ -55,8 +55,8 @@ def main() -> int:
         graphed_ms = seconds_per_step(graphed, fresh_prompt(graphed, context), 200) * 1e3
         print(f"per step with CUDA graphs: {graphed_ms:.3f} ms wall")
     else:
-        ops = sum(e.count for e in events if e.key.startswith("aten::")) / steps
-        print(f"per step: {per_step * 1e3:.2f} ms wall, {ops:.0f} aten calls (views included)")
+        ops = sum(e.count for e in events if e.key.startswith(("aten::", "chat::"))) / steps
+        print(f"per step: {per_step * 1e3:.2f} ms wall, {ops:.0f} op calls (aten and chat, views included)")
     return 0
 
 

@@ -13,6 +13,7 @@ import torch
 from helpers import TINY_DECODER
 
 import chat.export
+from chat import native
 from chat.artifact import MANIFEST, artifact_dir_for, read_manifest, sha256_file
 from chat.backends.base import LoadOptions
 from chat.backends.torchscript_backend import TorchScriptBackend
@@ -266,8 +267,9 @@ def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "aten::scaled_dot_product_attention" in done.stdout
-    assert "9 cached tokens, 3 steps" in done.stdout and "aten calls" in done.stdout
+    attention = "chat::attend" if native.supported() is None else "aten::scaled_dot_product_attention"
+    assert attention in done.stdout
+    assert "9 cached tokens, 3 steps" in done.stdout and "op calls" in done.stdout
 
 
 def test_gpu_experiments_script_runs(tiny_llama):

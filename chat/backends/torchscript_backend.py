@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from chat import native
 from chat.artifact import (
     MODEL_FILE,
     ArtifactError,
@@ -44,6 +45,9 @@ class TorchScriptBackend:
             )
         hashes = hash_check(directory, manifest)
         torch.set_num_threads(cpu_threads(options))
+        notes = []
+        if native.OPS in manifest.get("ops", []) and not native.load():
+            notes.append(f"{native.why_not()}; decoding on torch's own kernels, slower")
         try:
             with quiet_torchscript():
                 module = torch.jit.load(str(directory / MODEL_FILE), map_location=device)
@@ -75,6 +79,7 @@ class TorchScriptBackend:
             dtype=manifest["dtype"],
             context_length=self.max_len,
             threads=torch.get_num_threads(),
+            notes=notes,
         )
         self._device = device
         self._chunk = PREFILL_CHUNK[device.type]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from chat import native
 from chat.artifact import MODEL_FILE, is_artifact, sha256_file, write_manifest
 from chat.errors import ChatError, UsageError
 from chat.export.model import LeanLM, allocate_cache, fewest_ops, quiet_torchscript, transposed_weights
@@ -108,14 +109,16 @@ def export(
         return {k: None if v is None else converted[id(v)] for k, v in weights.items()}
 
     table = None if rope is None else (rope[0].to(torch_device, torch_dtype), rope[1].to(torch_device, torch_dtype))
+    native_ops = torch_device.type == "cpu" and _native_kernels(progress)
     lean = LeanLM(
         shape,
         cast(top),
         [cast(w) for w in layers],
         table,
         for_cuda=torch_device.type == "cuda",
-        transposed=transposed_weights(shape, torch_dtype, torch_device),
+        transposed=transposed_weights(shape, torch_dtype, torch_device, native_ops),
         fewest_ops=fewest_ops(torch_dtype, torch_device),
+        native=native_ops,
     ).eval()
     del top, layers
 
@@ -148,6 +151,7 @@ def export(
                 "eos_token_ids": sorted(FastTokenizer(work).eos_token_ids),
                 "shape": dataclasses.asdict(shape),
                 "torch_version": torch.__version__,
+                "ops": [native.OPS] if native_ops else [],
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
@@ -162,6 +166,19 @@ def export(
         raise
     progress(f"wrote {outdir}")
     return outdir
+
+
+def _native_kernels(progress: Progress) -> bool:
+    """Whether CPU decode can run on chat's native kernels, building them first if need be (once)."""
+    if native.supported():
+        progress(f"decode on torch's kernels: {native.supported()}")
+        return False
+    if native.find_library() is None:
+        progress("building chat's native CPU kernels (once, about 10 s)")
+    if native.load(build_missing=True):
+        return True
+    progress(f"decode on torch's kernels: {native.why_not()}")
+    return False
 
 
 def trace(lean: LeanLM, max_len: int, device: torch.device) -> torch.jit.ScriptModule:

@@ -9,7 +9,9 @@ Every method takes 1-D tensors: `ids` and `positions` of the new tokens and `win
 0..W-1 (a view of an arange the caller keeps), whose length is traced as a dynamic size. Decode runs on
 1-D hidden vectors, so its matmuls are matrix-vector products. On CPU in float32 (see fewest_ops) RMSNorm
 weights are folded into the next matmul's weights, residual adds ride on addmv (addmm in prefill) and one
-token's RoPE is one small matmul: a layer of decode is 26 graph ops instead of 31.
+token's RoPE is one small matmul: a layer of decode is 26 graph ops instead of 31. Where chat's native
+kernels are built (chat.native), CPU decode's matrix-vector products and attention are theirs
+(torch.ops.chat.matvec, add_matvec and attend), which keep closer pace with the memory than torch's own.
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ class Shape:
     rotary_dim: int  # 0: learned absolute positions instead of RoPE
 
 
-def transposed_weights(shape: Shape, dtype: torch.dtype, device: torch.device) -> set[str]:
-    """Which weights to store as (in, out): on CPU in float32, those whose output is wider than their input,
-    since MKL's x @ W beats x @ W.T for them at one token (measured: 10-20% on q/k/v, gate/up and the
-    output head). bfloat16 decodes fastest with matrix-vector products on (out, in) weights."""
-    if device.type != "cpu" or dtype != torch.float32:
+def transposed_weights(shape: Shape, dtype: torch.dtype, device: torch.device, native: bool) -> set[str]:
+    """Which weights to store as (in, out): on CPU in float32 without chat's native kernels, those whose
+    output is wider than their input, since MKL's x @ W beats x @ W.T for them at one token (measured:
+    10-20% on q/k/v, gate/up and the output head). bfloat16 decodes fastest with matrix-vector products on
+    (out, in) weights, and so does float32 on the native kernels."""
+    if device.type != "cpu" or dtype != torch.float32 or native:
         return set()
     inner = shape.heads * shape.head_dim
     qkv = inner + 2 * shape.kv_heads * shape.head_dim
@@ -63,10 +66,16 @@ def fewest_ops(dtype: torch.dtype, device: torch.device) -> bool:
     return device.type == "cpu" and dtype == torch.float32
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """x @ W.T + b for a weight stored (out, in), or x @ W + b for one stored (in, out); x is 1-D at decode."""
+def linear(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool, native: bool = False
+) -> torch.Tensor:
+    """x @ W.T + b for a weight stored (out, in), or x @ W + b for one stored (in, out); x is 1-D at decode.
+    native: one token's product on chat's native kernels."""
     if transposed:
         y = torch.matmul(x, w)
+        return y if b is None else y + b
+    if native and x.dim() == 1:
+        y = torch.ops.chat.matvec(w, x)
         return y if b is None else y + b
     if x.dim() == 1:
         return torch.mv(w, x) if b is None else torch.addmv(b, w, x)
@@ -74,12 +83,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed:
 
 
 class Layer(nn.Module):
-    def __init__(self, shape: Shape, w: Weights, transposed: set[str], for_cuda: bool, fewest_ops: bool):
+    def __init__(self, shape: Shape, w: Weights, transposed: set[str], for_cuda: bool, fewest_ops: bool, native: bool):
         super().__init__()
         self.shape = shape
-        self.transposed = transposed  # read at trace time only, like for_cuda and fewest_ops
+        self.transposed = transposed  # read at trace time only, like for_cuda, fewest_ops and native
         self.for_cuda = for_cuda
         self.fewest_ops = fewest_ops
+        self.native = native
         self.fold_norms = fewest_ops and shape.norm == "rms"
         if self.fold_norms:
             # The norm weight and sqrt(hidden) (see _unit_norm) scale the matmul's inputs: into the weight's columns.
@@ -106,7 +116,7 @@ class Layer(nn.Module):
         s, t = self.shape, self.transposed
         groups = s.heads // s.kv_heads
         qk_width = (s.heads + s.kv_heads) * s.head_dim
-        qkv = linear(self._norm(x, self.ln1, self.ln1_b), self.wqkv, self.bqkv, "wqkv" in t)
+        qkv = linear(self._norm(x, self.ln1, self.ln1_b), self.wqkv, self.bqkv, "wqkv" in t, self.native)
         qk, v = qkv.split([qk_width, s.kv_heads * s.head_dim], dim=-1)
         one = x.dim() == 1  # decided at trace time: decode has fewer reshapes
         # One token: heads as (1, heads, 1, head_dim), the cache's layout, so keys and values go in as they are.
@@ -128,7 +138,10 @@ class Layer(nn.Module):
             q = q.reshape(1, s.kv_heads, groups, s.head_dim)
         else:
             q = q.reshape(-1, s.kv_heads, groups, s.head_dim).permute(1, 2, 0, 3).reshape(1, s.kv_heads, -1, s.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if self.native and one:
+            out = torch.ops.chat.attend(q, keys, values)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         if one:
             out = out.reshape(-1)
         else:
@@ -136,12 +149,12 @@ class Layer(nn.Module):
         x = self._add_linear(x, out, self.wo, self.bo, "wo")
         h = self._norm(x, self.ln2, self.ln2_b)
         if s.activation == "silu":
-            gate, up = linear(h, self.wup, self.bup, "wup" in t).chunk(2, dim=-1)
+            gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native).chunk(2, dim=-1)
             # On CPU in place (gate is a fresh matmul output): no new (tokens, intermediate) tensors, 11-13% off a
             # 512-token prefill and 3-4% off decode; CUDA keeps the out-of-place form its fuser makes one kernel.
             h = F.silu(gate) * up if self.for_cuda else F.silu(gate, inplace=True).mul_(up)
         else:
-            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t), approximate="tanh")
+            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t, self.native), approximate="tanh")
         return self._add_linear(x, h, self.wdown, self.bdown, "wdown")
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
@@ -151,13 +164,16 @@ class Layer(nn.Module):
 
     def _add_linear(self, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, name: str):
         """x + linear(h); on the CPU float32 path the add rides in the matmul where it can: addmv at decode (one op
-        fewer), addmm at prefill (MKL adds with beta=1 instead of a pass over x: 5% of a 512-token prefill)."""
+        fewer), addmm at prefill (MKL adds with beta=1 instead of a pass over x: 5% of a 512-token prefill);
+        on the native kernels at decode, always."""
+        if self.native and h.dim() == 1 and b is None:
+            return torch.ops.chat.add_matvec(x, w, h)
         if self.fewest_ops and b is None:
             if h.dim() == 2:
                 return torch.addmm(x, h, w if name in self.transposed else w.t())
             if name not in self.transposed:
                 return torch.addmv(x, w, h)
-        return x + linear(h, w, b, name in self.transposed)
+        return x + linear(h, w, b, name in self.transposed, self.native)
 
 
 class LeanLM(nn.Module):
@@ -171,12 +187,14 @@ class LeanLM(nn.Module):
         for_cuda: bool,
         transposed: set[str],
         fewest_ops: bool = False,
+        native: bool = False,
     ):
         super().__init__()
         self.shape = shape
         # For CUDA: decode attends over a masked cache bucket (for CUDA graphs) instead of the exact prefix, and
         # norms and RoPE take the forms with the fewest kernels. On CPU, the forms with the fewest ops.
         self.for_cuda = for_cuda
+        self.native = native  # decode's matrix-vector products on chat's native kernels (CPU)
         self.head_transposed = "lm_head" in transposed
         top = dict(top)
         if self.head_transposed:
@@ -196,7 +214,7 @@ class LeanLM(nn.Module):
         if fewest_ops and rope and shape.rotary_dim == shape.head_dim:
             swap = torch.eye(shape.head_dim, dtype=rope[0].dtype, device=rope[0].device).roll(shape.head_dim // 2, 0)
         self.register_buffer("rope_swap", swap)
-        self.blocks = nn.ModuleList(Layer(shape, w, transposed, for_cuda, fewest_ops) for w in layers)
+        self.blocks = nn.ModuleList(Layer(shape, w, transposed, for_cuda, fewest_ops, native) for w in layers)
 
     def allocate(self, max_len: int) -> None:
         allocate_cache(self, self.shape, max_len, self.norm_w.dtype, self.norm_w.device)
@@ -217,7 +235,7 @@ class LeanLM(nn.Module):
             x = block.forward_tokens(x, positions, window, rope, mask)
         x = _norm(self.shape, x if one else x[-1], self.norm_w, self.norm_b, self.for_cuda, self.norm_eps)
         head = self.embed if self.lm_head is None else self.lm_head
-        return linear(x, head, None, self.head_transposed)
+        return linear(x, head, None, self.head_transposed, self.native)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         """Run a chunk of tokens at `positions` (the keys are `window`, up to the chunk's end); last logits."""

@@ -1,0 +1,332 @@
+// chat's native CPU kernels: the matrix-vector products of one decoded token.
+//
+// At one token a decode step is a stream of weights through matrix-vector products. torch's own kernels
+// for these run below the memory's pace on AVX-512 machines: in bfloat16 at about 15 GB/s, where these
+// reach 22 (vdpbf16ps multiplies pairs of bfloat16 into float32 sums), and in float32 at about 24, where
+// these reach 26-28. Each thread takes blocks of four rows, keeps their four sums in registers and reads x
+// once per block. CPUs without AVX-512 (or without its bfloat16 part) get torch's own kernels.
+//
+// Ops (schemas below): chat::matvec(w, x) = w @ x and chat::add_matvec(r, w, x) = r + w @ x, for w (n, k)
+// and x (k,) of one dtype, float32 or bfloat16. bfloat16 results round as torch's do: the product to
+// bfloat16 first, then the sum with r (transformers adds a layer's output to the residual that way).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <immintrin.h>
+#include <torch/library.h>
+
+namespace {
+
+constexpr int64_t kRows = 4;
+// Blocks per thread chunk at least: 16 blocks of bfloat16 rows of 576 are 74 KB of weights.
+constexpr int64_t kGrain = 16;
+
+#define CHAT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define CHAT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+CHAT_AVX512_BF16 inline __m512bh load(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
+CHAT_AVX512_BF16 inline __m512bh load_tail(__mmask32 mask, const at::BFloat16* p) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+// Rows [first, last) of w (row stride k) times x; store(row, float32 sum) writes each result.
+template <typename Store>
+CHAT_AVX512_BF16 void dot_rows_bf16(
+    const at::BFloat16* w, const at::BFloat16* x, int64_t first, int64_t last, int64_t k, const Store& store) {
+  const int64_t tail = k % 32;
+  const __mmask32 tail_mask = static_cast<__mmask32>((uint64_t{1} << tail) - 1);
+  int64_t r = first;
+  for (; r + kRows <= last; r += kRows) {
+    const at::BFloat16* row = w + r * k;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t c = 0;
+    for (; c + 32 <= k; c += 32) {
+      const __m512bh xv = load(x + c);
+      s0 = _mm512_dpbf16_ps(s0, load(row + c), xv);
+      s1 = _mm512_dpbf16_ps(s1, load(row + k + c), xv);
+      s2 = _mm512_dpbf16_ps(s2, load(row + 2 * k + c), xv);
+      s3 = _mm512_dpbf16_ps(s3, load(row + 3 * k + c), xv);
+    }
+    if (tail) {
+      const __m512bh xv = load_tail(tail_mask, x + c);
+      s0 = _mm512_dpbf16_ps(s0, load_tail(tail_mask, row + c), xv);
+      s1 = _mm512_dpbf16_ps(s1, load_tail(tail_mask, row + k + c), xv);
+      s2 = _mm512_dpbf16_ps(s2, load_tail(tail_mask, row + 2 * k + c), xv);
+      s3 = _mm512_dpbf16_ps(s3, load_tail(tail_mask, row + 3 * k + c), xv);
+    }
+    store(r, _mm512_reduce_add_ps(s0));
+    store(r + 1, _mm512_reduce_add_ps(s1));
+    store(r + 2, _mm512_reduce_add_ps(s2));
+    store(r + 3, _mm512_reduce_add_ps(s3));
+  }
+  for (; r < last; ++r) {
+    const at::BFloat16* row = w + r * k;
+    __m512 s = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 32 <= k; c += 32) s = _mm512_dpbf16_ps(s, load(row + c), load(x + c));
+    if (tail) s = _mm512_dpbf16_ps(s, load_tail(tail_mask, row + c), load_tail(tail_mask, x + c));
+    store(r, _mm512_reduce_add_ps(s));
+  }
+}
+
+template <typename Store>
+__attribute__((target("avx512f"))) void dot_rows_f32(
+    const float* w, const float* x, int64_t first, int64_t last, int64_t k, const Store& store) {
+  const int64_t tail = k % 16;
+  const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1);
+  int64_t r = first;
+  for (; r + kRows <= last; r += kRows) {
+    const float* row = w + r * k;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + c);
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(row + c), xv, s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(row + k + c), xv, s1);
+      s2 = _mm512_fmadd_ps(_mm512_loadu_ps(row + 2 * k + c), xv, s2);
+      s3 = _mm512_fmadd_ps(_mm512_loadu_ps(row + 3 * k + c), xv, s3);
+    }
+    if (tail) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail_mask, x + c);
+      s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + c), xv, s0);
+      s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + k + c), xv, s1);
+      s2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + 2 * k + c), xv, s2);
+      s3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + 3 * k + c), xv, s3);
+    }
+    store(r, _mm512_reduce_add_ps(s0));
+    store(r + 1, _mm512_reduce_add_ps(s1));
+    store(r + 2, _mm512_reduce_add_ps(s2));
+    store(r + 3, _mm512_reduce_add_ps(s3));
+  }
+  for (; r < last; ++r) {
+    const float* row = w + r * k;
+    __m512 s = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(row + c), _mm512_loadu_ps(x + c), s);
+    if (tail) s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + c), _mm512_maskz_loadu_ps(tail_mask, x + c), s);
+    store(r, _mm512_reduce_add_ps(s));
+  }
+}
+
+bool fast_path(const at::Tensor& w, const at::Tensor& x) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  if (!w.device().is_cpu() || w.dim() != 2 || x.dim() != 1 || w.scalar_type() != x.scalar_type() ||
+      w.size(1) != x.size(0) || w.size(1) == 0) {
+    return false;
+  }
+  if (w.scalar_type() == at::kFloat) return avx512;
+  return w.scalar_type() == at::kBFloat16 && avx512_bf16;
+}
+
+// w @ x split between torch's threads in blocks of kRows rows; store(row, float32 sum) writes each result.
+template <typename T, typename Store>
+void dot_rows(const at::Tensor& w, const at::Tensor& x, const Store& store) {
+  const int64_t n = w.size(0), k = w.size(1);
+  const T* wp = w.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  at::parallel_for(0, (n + kRows - 1) / kRows, kGrain, [&](int64_t begin, int64_t end) {
+    const int64_t first = begin * kRows, last = std::min(n, end * kRows);
+    if constexpr (std::is_same_v<T, float>) {
+      dot_rows_f32(wp, xp, first, last, k, store);
+    } else {
+      dot_rows_bf16(wp, xp, first, last, k, store);
+    }
+  });
+}
+
+at::Tensor matvec(const at::Tensor& w_in, const at::Tensor& x_in) {
+  if (!fast_path(w_in, x_in)) return at::mv(w_in, x_in);
+  const at::Tensor w = w_in.contiguous(), x = x_in.contiguous();
+  at::Tensor out = at::empty({w.size(0)}, w.options());
+  if (w.scalar_type() == at::kFloat) {
+    float* o = out.data_ptr<float>();
+    dot_rows<float>(w, x, [o](int64_t i, float s) { o[i] = s; });
+  } else {
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
+    dot_rows<at::BFloat16>(w, x, [o](int64_t i, float s) { o[i] = at::BFloat16(s); });
+  }
+  return out;
+}
+
+at::Tensor add_matvec(const at::Tensor& r_in, const at::Tensor& w_in, const at::Tensor& x_in) {
+  if (!fast_path(w_in, x_in) || r_in.scalar_type() != w_in.scalar_type() || r_in.dim() != 1 ||
+      r_in.size(0) != w_in.size(0)) {
+    return r_in + at::mv(w_in, x_in);
+  }
+  const at::Tensor w = w_in.contiguous(), x = x_in.contiguous(), r = r_in.contiguous();
+  at::Tensor out = at::empty({w.size(0)}, w.options());
+  if (w.scalar_type() == at::kFloat) {
+    float* o = out.data_ptr<float>();
+    const float* rp = r.data_ptr<float>();
+    dot_rows<float>(w, x, [o, rp](int64_t i, float s) { o[i] = rp[i] + s; });
+  } else {
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
+    const at::BFloat16* rp = r.data_ptr<at::BFloat16>();
+    // The product rounds to bfloat16 before the add, as torch's mv then add would.
+    dot_rows<at::BFloat16>(w, x, [o, rp](int64_t i, float s) {
+      o[i] = at::BFloat16(static_cast<float>(rp[i]) + static_cast<float>(at::BFloat16(s)));
+    });
+  }
+  return out;
+}
+
+// exp(x) for x <= 0 (softmax of max-subtracted scores): 2^n * e^r, r in [-ln2/2, ln2/2], Cephes' expf
+// polynomial (relative error about 1e-7).
+CHAT_AVX512 inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // e^-87 is about float32's smallest normal
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 features of a cached key or value as float32.
+CHAT_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+CHAT_AVX512 inline __m512 load16(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+constexpr int64_t kMaxGroups = 16;    // query heads per kv head
+constexpr int64_t kMaxHeadDim = 256;  // a multiple of 16
+constexpr int64_t kChunk = 64;        // cached positions per work item
+constexpr int64_t kPrefetchRows = 8;  // keys asked for this many rows ahead
+
+// One work item of decode attention: the `groups` query heads of one kv head (q, float32, groups x d)
+// over cached positions [first, last) of that head's keys and values (rows of d). Writes, per query
+// head, the running max score m, the sum l of e^(score - m) and acc = sum of e^(score - m) * value.
+template <typename T>
+CHAT_AVX512 void attend_chunk(const float* q, const T* k, const T* v, int64_t groups, int64_t d, int64_t first,
+                              int64_t last, float scale, float* m, float* l, float* acc) {
+  const int64_t count = last - first, vecs = d / 16;
+  alignas(64) float scores[kMaxGroups][kChunk + 16];
+  for (int64_t j = 0; j < count; ++j) {
+    const T* key = k + (first + j) * d;
+    // Cold caches are read at memory latency, not bandwidth: ask for the keys ahead and this row of values.
+    for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(T)); b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(key + kPrefetchRows * d) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v + (first + j) * d) + b, _MM_HINT_T0);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t c = 0; c < vecs; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * d + c * 16), load16(key + c * 16), s);
+      scores[g][j] = _mm512_reduce_add_ps(s) * scale;
+    }
+  }
+  const int64_t padded = (count + 15) / 16 * 16;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t j = count; j < padded; ++j) scores[g][j] = -INFINITY;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < padded; j += 16) top = _mm512_max_ps(top, _mm512_load_ps(&scores[g][j]));
+    m[g] = _mm512_reduce_max_ps(top);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 16) {
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_load_ps(&scores[g][j]), _mm512_set1_ps(m[g])));
+      const __m512 kept = _mm512_maskz_mov_ps(j + 16 <= count ? 0xFFFF : (1u << (count - j)) - 1, e);
+      _mm512_store_ps(&scores[g][j], kept);
+      sum = _mm512_add_ps(sum, kept);
+    }
+    l[g] = _mm512_reduce_add_ps(sum);
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; c < vecs; ++c) _mm512_storeu_ps(acc + g * d + c * 16, _mm512_setzero_ps());
+  for (int64_t j = 0; j < count; ++j) {
+    const T* value = v + (first + j) * d;
+    for (int64_t c = 0; c < vecs; ++c) {
+      const __m512 vv = load16(value + c * 16);
+      for (int64_t g = 0; g < groups; ++g) {
+        float* a = acc + g * d + c * 16;
+        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g][j]), vv, _mm512_loadu_ps(a)));
+      }
+    }
+  }
+}
+
+bool attend_fast_path(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  const auto dtype = q.scalar_type();
+  return avx512 && q.device().is_cpu() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == 1 &&
+         k.sizes() == v.sizes() && k.size(0) == 1 && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
+         k.size(2) > 0 && q.size(2) <= kMaxGroups && q.size(3) % 16 == 0 && q.size(3) <= kMaxHeadDim &&
+         (dtype == at::kFloat || dtype == at::kBFloat16) && k.scalar_type() == dtype && v.scalar_type() == dtype &&
+         k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3);
+}
+
+// softmax(q k^T / sqrt(d)) v for one decoded token: q (1, kv_heads, groups, d), k and v (1, kv_heads, n, d),
+// each head's rows contiguous (a narrowed cache). Work items are (kv head, 64 positions); their partial
+// results merge as in flash-decoding. Keys and values stream once, shared by the query heads of their group.
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v) {
+  if (!attend_fast_path(q_in, k, v)) return at::scaled_dot_product_attention(q_in, k, v);
+  const int64_t heads = k.size(1), groups = q_in.size(2), n = k.size(2), d = q_in.size(3);
+  const int64_t chunks = (n + kChunk - 1) / kChunk, items = heads * chunks;
+  const at::Tensor q = q_in.to(at::kFloat).contiguous();
+  // Per item and query head: m, l, then acc (d floats).
+  at::Tensor parts = at::empty({items, groups, d + 2}, q.options());
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const float* qp = q.data_ptr<float>();
+  float* pp = parts.data_ptr<float>();
+  auto run = [&](auto* kp, auto* vp) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      alignas(64) float m[kMaxGroups], l[kMaxGroups];
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t h = item / chunks, first = item % chunks * kChunk, last = std::min(n, first + kChunk);
+        float* out = pp + item * groups * (d + 2);
+        attend_chunk(qp + h * groups * d, kp + h * k.stride(1), vp + h * v.stride(1), groups, d, first, last,
+                     scale, m, l, out + 2 * groups);
+        for (int64_t g = 0; g < groups; ++g) {
+          out[g] = m[g];
+          out[groups + g] = l[g];
+        }
+      }
+    });
+  };
+  if (k.scalar_type() == at::kFloat) {
+    run(k.data_ptr<float>(), v.data_ptr<float>());
+  } else {
+    run(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+  }
+  at::Tensor result = at::empty({1, heads, groups, d}, q.options());
+  float* rp = result.data_ptr<float>();
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float top = -INFINITY;
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, pp[(h * chunks + c) * groups * (d + 2) + g]);
+      float total = 0.0f;
+      float* o = rp + (h * groups + g) * d;
+      std::fill(o, o + d, 0.0f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* part = pp + (h * chunks + c) * groups * (d + 2);
+        const float w = std::exp(part[g] - top);
+        total += w * part[groups + g];
+        const float* a = part + 2 * groups + g * d;
+        for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
+      }
+      for (int64_t i = 0; i < d; ++i) o[i] /= total;
+    }
+  }
+  return result.to(q_in.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(chat, m) {
+  m.def("matvec(Tensor w, Tensor x) -> Tensor");
+  m.def("add_matvec(Tensor r, Tensor w, Tensor x) -> Tensor");
+  m.def("attend(Tensor q, Tensor k, Tensor v) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(chat, CPU, m) {
+  m.impl("matvec", &matvec);
+  m.impl("add_matvec", &add_matvec);
+  m.impl("attend", &attend);
+}

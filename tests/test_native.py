@@ -1,0 +1,164 @@
+"""chat's native CPU kernels (chat/native): the ops against torch's own, artifacts that call them, and the
+fallback onto torch's kernels where the library is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chat import native
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(native.supported() is not None, reason=f"native kernels: {native.supported()}")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """torch.ops.chat with the compiled kernels (built here if missing, as export does)."""
+    if not native.load(build_missing=True):
+        pytest.fail(f"native kernels did not load: {native.why_not()}")
+    return torch.ops.chat
+
+
+# Shapes with and without tails: rows not a multiple of the 4-row blocks, columns not a multiple of a vector.
+SHAPES = [(3072, 576), (576, 1536), (7, 50), (13, 33), (1, 16), (5, 1)]
+
+
+@pytest.mark.parametrize(("rows", "cols"), SHAPES)
+def test_matvec_float32_matches_torch(ops, rows, cols):
+    torch.manual_seed(rows * cols)
+    w, x, r = torch.randn(rows, cols), torch.randn(cols), torch.randn(rows)
+    torch.testing.assert_close(ops.matvec(w, x), torch.mv(w, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.add_matvec(r, w, x), torch.addmv(r, w, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "cols"), SHAPES)
+def test_matvec_bfloat16_rounds_as_torch(ops, rows, cols):
+    """float32 sums rounded once to bfloat16 (as torch.mv's), and for add_matvec the product rounded before
+    the add, as transformers' residual add of a layer's output: equal but for sums that land near a tie."""
+    torch.manual_seed(rows + cols)
+    w, x, r = (torch.randn(rows, cols).bfloat16(), torch.randn(cols).bfloat16(), torch.randn(rows).bfloat16())
+    exact = (w.double() @ x.double()).bfloat16()
+    got, expected = ops.matvec(w, x), torch.mv(w, x)
+    assert got.dtype == torch.bfloat16
+    assert (got != expected).float().mean() < 0.01
+    assert (got.double() - exact.double()).abs().max() <= (exact.double().abs().max() * 2**-7) + 1e-6
+    summed = ops.add_matvec(r, w, x)
+    assert (summed != r + got).sum() == 0
+
+
+def test_matvec_on_strided_input_and_other_dtypes_uses_torchs_kernels(ops):
+    w, x = torch.randn(64, 48), torch.randn(64)
+    torch.testing.assert_close(ops.matvec(w.t(), x), torch.mv(w.t(), x), rtol=1e-5, atol=1e-5)
+    wd, xd = w.double(), torch.randn(48).double()
+    torch.testing.assert_close(ops.matvec(wd, xd), torch.mv(wd, xd))
+
+
+@pytest.mark.parametrize("positions", [1, 6, 63, 64, 65, 200, 1000])
+@pytest.mark.parametrize(("kv_heads", "groups", "head_dim"), [(3, 3, 64), (2, 1, 16), (1, 4, 128), (2, 7, 32)])
+def test_attend_matches_sdpa_float32(ops, positions, kv_heads, groups, head_dim):
+    """One token over a narrowed cache (the decode's form), across the 64-position work items' edges."""
+    torch.manual_seed(positions)
+    k_cache, v_cache = torch.randn(2, 1, kv_heads, 1024, head_dim).unbind(0)
+    q = torch.randn(1, kv_heads, groups, head_dim) * 3
+    k, v = k_cache.narrow(2, 0, positions), v_cache.narrow(2, 0, positions)
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
+    torch.testing.assert_close(ops.attend(q, k, v), reference, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("positions", [5, 64, 300])
+def test_attend_bfloat16_within_rounding(ops, positions):
+    torch.manual_seed(positions)
+    k_cache, v_cache = torch.randn(2, 1, 3, 512, 64).bfloat16().unbind(0)
+    q = torch.randn(1, 3, 3, 64).bfloat16()
+    k, v = k_cache.narrow(2, 0, positions), v_cache.narrow(2, 0, positions)
+    got = ops.attend(q, k, v)
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert got.dtype == torch.bfloat16
+    assert (got.double() - reference).abs().max() < 2**-7
+
+
+def test_attend_outside_its_shapes_uses_sdpa(ops):
+    q, k, v = torch.randn(1, 2, 3, 24), torch.randn(1, 2, 9, 24), torch.randn(1, 2, 9, 24)  # head_dim 24
+    torch.testing.assert_close(ops.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_export_calls_the_ops_and_lists_them(llama_artifact, ops):
+    manifest = json.loads((llama_artifact / "chat-artifact.json").read_text())
+    assert manifest["ops"] == ["chat"]
+    from chat.export.model import quiet_torchscript
+
+    with quiet_torchscript():
+        code = torch.jit.load(str(llama_artifact / "model.ts")).decode.code
+    assert "ops.chat.matvec" in code and "ops.chat.add_matvec" in code and "ops.chat.attend" in code
+
+
+FALLBACK_RUN = """
+import sys, torch
+from chat import native
+from chat.backends.torchscript_backend import TorchScriptBackend
+backend = TorchScriptBackend(sys.argv[1])
+logits = backend.prefill([5, 6, 7, 8])
+for token in (9, 10, 11):
+    logits = backend.decode(token)
+print("native" if native.load() else "fallback")
+print("NOTES", backend.info.notes)
+torch.save(logits, sys.argv[2])
+"""
+
+
+def test_without_the_library_the_artifact_runs_on_torchs_kernels_and_says_so(llama_artifact, ops, tmp_path):
+    """A missing library (another torch, no compiler) costs speed, not the chat: same logits, one note."""
+    logits = {}
+    for kind, cache in (("native", native.cache_dir()), ("fallback", tmp_path / "empty")):
+        env = {**os.environ, "CHAT_NATIVE_DIR": str(cache)}
+        out = tmp_path / f"{kind}.pt"
+        done = subprocess.run(
+            [sys.executable, "-c", FALLBACK_RUN, str(llama_artifact), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[0] == kind
+        if kind == "fallback":
+            assert "native kernels are not built" in done.stdout and "torch's own kernels" in done.stdout
+        else:
+            assert "NOTES []" in done.stdout
+        logits[kind] = torch.load(out)
+    torch.testing.assert_close(logits["native"], logits["fallback"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_manifest_naming_unknown_ops_is_refused(llama_artifact, tmp_path):
+    import shutil
+
+    from chat.artifact import ArtifactError, read_manifest
+
+    copy = tmp_path / "foreign"
+    shutil.copytree(llama_artifact, copy)
+    path = copy / "chat-artifact.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "ops": ["chat", "someone_elses"]}))
+    with pytest.raises(ArtifactError, match="needs ops this chat does not provide"):
+        read_manifest(copy)
+
+
+def test_build_into_a_directory_names_the_library_by_source_and_torch(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "chat.native", f"--into={tmp_path}"], capture_output=True, text=True, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    built = Path(done.stdout.strip())
+    assert built.parent == tmp_path and built.is_file()
+    assert built.name == native.library_name() and torch.__version__.replace("+", "_") in built.name
+    assert not list(tmp_path.glob(".chat_native-*"))  # no partial file left behind
