@@ -55,6 +55,33 @@ def test_matvec_bfloat16_rounds_as_torch(ops, rows, cols):
     assert (summed != r + got).sum() == 0
 
 
+@pytest.mark.parametrize(("rows", "cols"), [(3072, 576), (10, 33)])
+def test_matvec_applies_the_rms_norm_when_given_its_eps_term(ops, rows, cols):
+    """float32 decode with folded norm weights: w @ (x / sqrt(sum(x^2) + eps_root^2)) in one op."""
+    torch.manual_seed(cols)
+    w, x, eps_root = torch.randn(rows, cols), torch.randn(cols) * 4, 0.3
+    normed = x / torch.hypot(torch.linalg.vector_norm(x), torch.tensor(eps_root))
+    torch.testing.assert_close(ops.matvec(w, x, eps_root), torch.mv(w, normed), rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(ops.matvec(w, x, None), torch.mv(w, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(3072, 576), (14, 33)])
+def test_silu_mul_matvec_is_a_gated_mlps_first_half(ops, rows, cols):
+    torch.manual_seed(rows)
+    w, x = torch.randn(rows, cols) / 8, torch.randn(cols)
+    gate, up = torch.mv(w, x).chunk(2)
+    torch.testing.assert_close(ops.silu_mul_matvec(w, x), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    normed = x / torch.hypot(torch.linalg.vector_norm(x), torch.tensor(0.5))
+    gate, up = torch.mv(w, normed).chunk(2)
+    torch.testing.assert_close(ops.silu_mul_matvec(w, x, 0.5), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    wb, xb = w.bfloat16(), x.bfloat16()
+    gate, up = torch.mv(wb, xb).chunk(2)
+    got = ops.silu_mul_matvec(wb, xb)
+    assert got.dtype == torch.bfloat16 and (got != F.silu(gate) * up).float().mean() < 0.01
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        ops.silu_mul_matvec(torch.randn(3, 16), torch.randn(16))
+
+
 def test_matvec_on_strided_input_and_other_dtypes_uses_torchs_kernels(ops):
     w, x = torch.randn(64, 48), torch.randn(64)
     torch.testing.assert_close(ops.matvec(w.t(), x), torch.mv(w.t(), x), rtol=1e-5, atol=1e-5)
@@ -98,7 +125,8 @@ def test_export_calls_the_ops_and_lists_them(llama_artifact, ops):
 
     with quiet_torchscript():
         code = torch.jit.load(str(llama_artifact / "model.ts")).decode.code
-    assert "ops.chat.matvec" in code and "ops.chat.add_matvec" in code and "ops.chat.attend" in code
+    for op in ("matvec", "silu_mul_matvec", "add_matvec", "attend"):
+        assert f"ops.chat.{op}(" in code
 
 
 FALLBACK_RUN = """

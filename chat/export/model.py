@@ -67,15 +67,21 @@ def fewest_ops(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def linear(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool, native: bool = False
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    transposed: bool,
+    native: bool = False,
+    unit_norm: float | None = None,
 ) -> torch.Tensor:
     """x @ W.T + b for a weight stored (out, in), or x @ W + b for one stored (in, out); x is 1-D at decode.
-    native: one token's product on chat's native kernels."""
+    native: one token's product on chat's native kernels, which apply x's RMSNorm first if unit_norm (the
+    norm's eps term) is given."""
     if transposed:
         y = torch.matmul(x, w)
         return y if b is None else y + b
     if native and x.dim() == 1:
-        y = torch.ops.chat.matvec(w, x)
+        y = torch.ops.chat.matvec(w, x, unit_norm)
         return y if b is None else y + b
     if x.dim() == 1:
         return torch.mv(w, x) if b is None else torch.addmv(b, w, x)
@@ -91,6 +97,7 @@ class Layer(nn.Module):
         self.fewest_ops = fewest_ops
         self.native = native
         self.fold_norms = fewest_ops and shape.norm == "rms"
+        self.eps_root = (shape.hidden_size * shape.norm_eps) ** 0.5  # _unit_norm's eps term, for native kernels
         if self.fold_norms:
             # The norm weight and sqrt(hidden) (see _unit_norm) scale the matmul's inputs: into the weight's columns.
             root = shape.hidden_size**0.5
@@ -116,7 +123,8 @@ class Layer(nn.Module):
         s, t = self.shape, self.transposed
         groups = s.heads // s.kv_heads
         qk_width = (s.heads + s.kv_heads) * s.head_dim
-        qkv = linear(self._norm(x, self.ln1, self.ln1_b), self.wqkv, self.bqkv, "wqkv" in t, self.native)
+        h, unit_norm = self._norm_for(x, self.ln1, self.ln1_b)
+        qkv = linear(h, self.wqkv, self.bqkv, "wqkv" in t, self.native, unit_norm)
         qk, v = qkv.split([qk_width, s.kv_heads * s.head_dim], dim=-1)
         one = x.dim() == 1  # decided at trace time: decode has fewer reshapes
         # One token: heads as (1, heads, 1, head_dim), the cache's layout, so keys and values go in as they are.
@@ -147,15 +155,26 @@ class Layer(nn.Module):
         else:
             out = out.reshape(s.kv_heads, groups, -1, s.head_dim).permute(2, 0, 1, 3).reshape(-1, s.heads * s.head_dim)
         x = self._add_linear(x, out, self.wo, self.bo, "wo")
-        h = self._norm(x, self.ln2, self.ln2_b)
-        if s.activation == "silu":
-            gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native).chunk(2, dim=-1)
+        h, unit_norm = self._norm_for(x, self.ln2, self.ln2_b)
+        if s.activation == "silu" and self.native and one and self.bup is None:
+            h = torch.ops.chat.silu_mul_matvec(self.wup, h, unit_norm)
+        elif s.activation == "silu":
+            gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native, unit_norm).chunk(2, dim=-1)
             # On CPU in place (gate is a fresh matmul output): no new (tokens, intermediate) tensors, 11-13% off a
             # 512-token prefill and 3-4% off decode; CUDA keeps the out-of-place form its fuser makes one kernel.
             h = F.silu(gate) * up if self.for_cuda else F.silu(gate, inplace=True).mul_(up)
         else:
-            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t, self.native), approximate="tanh")
+            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t, self.native, unit_norm), approximate="tanh")
         return self._add_linear(x, h, self.wdown, self.bdown, "wdown")
+
+    def _norm_for(
+        self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, float | None]:
+        """The input of the matmul after a norm, and the eps term when the native kernel applies the norm itself
+        (one token, float32 on CPU: the norm's weight is folded into the matmul's, its scale is one number)."""
+        if self.native and self.fold_norms and x.dim() == 1:
+            return x, self.eps_root
+        return self._norm(x, weight, bias), None
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fold_norms:

@@ -1,8 +1,9 @@
 """chat's native CPU kernels (kernels.cpp): a decoded token's matrix-vector products, as torch ops.
 
-`torch.ops.chat.matvec(w, x)` is w @ x, `torch.ops.chat.add_matvec(r, w, x)` is r + w @ x and
-`torch.ops.chat.attend(q, k, v)` is one token's attention over the filled cache (see kernels.cpp). CPU
-artifacts exported where the kernels are built call them at decode; their manifest lists "chat" in "ops".
+torch.ops.chat.matvec (w @ x, optionally of x's RMSNorm), silu_mul_matvec (a gated MLP's first half),
+add_matvec (r + w @ x) and attend (one token's attention over the filled cache): kernels.cpp says what
+each does. CPU artifacts exported where the kernels are built call them at decode; their manifest lists
+"chat" in "ops".
 
 The kernels are compiled once per machine, torch version and source (about 10 s of g++ against torch's
 headers): by `make`, by `python -m chat.native`, or by export when missing. The library is looked for in
@@ -155,11 +156,26 @@ def _register_fallback() -> None:
     """The ops on torch's kernels, for artifacts that call them where the library is missing."""
     global _fallback
     import torch
+    import torch.nn.functional as F
+
+    def unit_norm(x: torch.Tensor, eps_root: float | None) -> torch.Tensor:
+        if eps_root is None:
+            return x
+        return x / torch.hypot(torch.linalg.vector_norm(x), torch.tensor(eps_root, dtype=x.dtype))
+
+    def matvec(w: torch.Tensor, x: torch.Tensor, eps_root: float | None = None) -> torch.Tensor:
+        return torch.mv(w, unit_norm(x, eps_root))
+
+    def silu_mul_matvec(w: torch.Tensor, x: torch.Tensor, eps_root: float | None = None) -> torch.Tensor:
+        gate, up = matvec(w, x, eps_root).chunk(2)
+        return F.silu(gate) * up
 
     _fallback = torch.library.Library(OPS, "DEF")
-    _fallback.define("matvec(Tensor w, Tensor x) -> Tensor")
-    _fallback.define("add_matvec(Tensor r, Tensor w, Tensor x) -> Tensor")
-    _fallback.impl("matvec", torch.mv, "CompositeExplicitAutograd")
-    _fallback.impl("add_matvec", lambda r, w, x: r + torch.mv(w, x), "CompositeExplicitAutograd")
-    _fallback.define("attend(Tensor q, Tensor k, Tensor v) -> Tensor")
-    _fallback.impl("attend", torch.nn.functional.scaled_dot_product_attention, "CompositeExplicitAutograd")
+    for name, schema, kernel in (
+        ("matvec", "(Tensor w, Tensor x, float? unit_norm=None) -> Tensor", matvec),
+        ("silu_mul_matvec", "(Tensor w, Tensor x, float? unit_norm=None) -> Tensor", silu_mul_matvec),
+        ("add_matvec", "(Tensor r, Tensor w, Tensor x) -> Tensor", lambda r, w, x: r + torch.mv(w, x)),
+        ("attend", "(Tensor q, Tensor k, Tensor v) -> Tensor", F.scaled_dot_product_attention),
+    ):
+        _fallback.define(name + schema)
+        _fallback.impl(name, kernel, "CompositeExplicitAutograd")

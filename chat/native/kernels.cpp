@@ -6,13 +6,20 @@
 // these reach 26-28. Each thread takes blocks of four rows, keeps their four sums in registers and reads x
 // once per block. CPUs without AVX-512 (or without its bfloat16 part) get torch's own kernels.
 //
-// Ops (schemas below): chat::matvec(w, x) = w @ x and chat::add_matvec(r, w, x) = r + w @ x, for w (n, k)
-// and x (k,) of one dtype, float32 or bfloat16. bfloat16 results round as torch's do: the product to
-// bfloat16 first, then the sum with r (transformers adds a layer's output to the residual that way).
+// Ops (schemas at the end), for w (n, k) and x (k,) of one dtype, float32 or bfloat16:
+//   chat::matvec(w, x, unit_norm) = w @ x, or in float32 w @ rmsnorm(x) for a weight that holds the norm's
+//     weight (unit_norm: the norm's eps term, see unit_norm_scale);
+//   chat::silu_mul_matvec(w, x, unit_norm) = silu(gate) * up of w @ x = [gate; up];
+//   chat::add_matvec(r, w, x) = r + w @ x;
+//   chat::attend(q, k, v) = one token's attention over the filled cache (see attend, below).
+// bfloat16 results round as torch's ops would, step by step (a product to bfloat16, then the sum with r:
+// transformers adds a layer's output to the residual that way).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <optional>
+#include <vector>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -136,16 +143,65 @@ void dot_rows(const at::Tensor& w, const at::Tensor& x, const Store& store) {
   });
 }
 
-at::Tensor matvec(const at::Tensor& w_in, const at::Tensor& x_in) {
-  if (!fast_path(w_in, x_in)) return at::mv(w_in, x_in);
+// RMSNorm's scale, 1 / sqrt(sum(x^2) + eps_root^2), for a weight that holds the norm's weight and sqrt(hidden)
+// (the float32 export folds them in: chat/export/model.py, fold_norms): w @ norm(x) = scale * (w @ x).
+float unit_norm_scale(const at::Tensor& x, std::optional<double> eps_root) {
+  if (!eps_root) return 1.0f;
+  const float* p = x.data_ptr<float>();
+  double sum = *eps_root * *eps_root;
+  for (int64_t i = 0; i < x.numel(); ++i) sum += static_cast<double>(p[i]) * p[i];
+  return static_cast<float>(1.0 / std::sqrt(sum));
+}
+
+at::Tensor unit_norm_fallback(const at::Tensor& x, std::optional<double> eps_root) {
+  if (!eps_root) return x;
+  return x / at::hypot(at::linalg_vector_norm(x), at::scalar_tensor(*eps_root, x.options()));
+}
+
+at::Tensor matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<double> unit_norm) {
+  if (!fast_path(w_in, x_in) || (unit_norm && x_in.scalar_type() != at::kFloat)) {
+    return at::mv(w_in, unit_norm_fallback(x_in, unit_norm));
+  }
   const at::Tensor w = w_in.contiguous(), x = x_in.contiguous();
   at::Tensor out = at::empty({w.size(0)}, w.options());
   if (w.scalar_type() == at::kFloat) {
     float* o = out.data_ptr<float>();
-    dot_rows<float>(w, x, [o](int64_t i, float s) { o[i] = s; });
+    const float scale = unit_norm_scale(x, unit_norm);
+    dot_rows<float>(w, x, [o, scale](int64_t i, float s) { o[i] = s * scale; });
   } else {
     at::BFloat16* o = out.data_ptr<at::BFloat16>();
     dot_rows<at::BFloat16>(w, x, [o](int64_t i, float s) { o[i] = at::BFloat16(s); });
+  }
+  return out;
+}
+
+float silu(float g) { return g / (1.0f + std::exp(-g)); }
+
+// silu(gate) * up for w holding the gate rows, then the up rows: one op for a gated MLP's first half. In
+// bfloat16 each step rounds as torch's ops do: gate and up, silu(gate), then the product.
+at::Tensor silu_mul_matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<double> unit_norm) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) % 2 == 0, "chat::silu_mul_matvec: w needs an even number of rows");
+  const int64_t half = w_in.size(0) / 2;
+  if (!fast_path(w_in, x_in) || (unit_norm && x_in.scalar_type() != at::kFloat)) {
+    const auto gate_up = at::mv(w_in, unit_norm_fallback(x_in, unit_norm)).chunk(2);
+    return at::silu(gate_up[0]) * gate_up[1];
+  }
+  const at::Tensor w = w_in.contiguous(), x = x_in.contiguous();
+  std::vector<float> sums(w.size(0));
+  float* sp = sums.data();
+  const float scale = w.scalar_type() == at::kFloat ? unit_norm_scale(x, unit_norm) : 1.0f;
+  at::Tensor out = at::empty({half}, w.options());
+  if (w.scalar_type() == at::kFloat) {
+    dot_rows<float>(w, x, [sp, scale](int64_t i, float s) { sp[i] = s * scale; });
+    float* o = out.data_ptr<float>();
+    for (int64_t i = 0; i < half; ++i) o[i] = silu(sp[i]) * sp[half + i];
+  } else {
+    dot_rows<at::BFloat16>(w, x, [sp](int64_t i, float s) { sp[i] = static_cast<float>(at::BFloat16(s)); });
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < half; ++i) {
+      const float gate = static_cast<float>(at::BFloat16(silu(sp[i])));
+      o[i] = at::BFloat16(gate * sp[half + i]);
+    }
   }
   return out;
 }
@@ -320,13 +376,15 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY(chat, m) {
-  m.def("matvec(Tensor w, Tensor x) -> Tensor");
+  m.def("matvec(Tensor w, Tensor x, float? unit_norm=None) -> Tensor");
+  m.def("silu_mul_matvec(Tensor w, Tensor x, float? unit_norm=None) -> Tensor");
   m.def("add_matvec(Tensor r, Tensor w, Tensor x) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chat, CPU, m) {
   m.impl("matvec", &matvec);
+  m.impl("silu_mul_matvec", &silu_mul_matvec);
   m.impl("add_matvec", &add_matvec);
   m.impl("attend", &attend);
 }
