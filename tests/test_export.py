@@ -267,7 +267,7 @@ def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    attention = "chat::attend" if native.supported() is None else "aten::scaled_dot_product_attention"
+    attention = "chat::cache_attend" if native.supported() is None else "aten::scaled_dot_product_attention"
     assert attention in done.stdout
     assert "9 cached tokens, 3 steps" in done.stdout and "op calls" in done.stdout
 

@@ -89,33 +89,74 @@ def test_matvec_on_strided_input_and_other_dtypes_uses_torchs_kernels(ops):
     torch.testing.assert_close(ops.matvec(wd, xd), torch.mv(wd, xd))
 
 
-@pytest.mark.parametrize("positions", [1, 6, 63, 64, 65, 200, 1000])
-@pytest.mark.parametrize(("kv_heads", "groups", "head_dim"), [(3, 3, 64), (2, 1, 16), (1, 4, 128), (2, 7, 32)])
-def test_attend_matches_sdpa_float32(ops, positions, kv_heads, groups, head_dim):
-    """One token over a narrowed cache (the decode's form), across the 64-position work items' edges."""
-    torch.manual_seed(positions)
+def reference_cache_attend(qkv, cos, sin, k_cache, v_cache, pos, n):
+    """What chat::cache_attend does, in torch's ops on float64 (caches updated in place)."""
+    kv_heads, d = k_cache.size(1), k_cache.size(3)
+    heads = qkv.numel() // d - 2 * kv_heads
+    q, k, v = qkv.double().split([heads * d, kv_heads * d, kv_heads * d])
+
+    def rope(x, count):
+        x = x.reshape(count, d)
+        if cos is None:
+            return x
+        rotary, half = cos.numel(), cos.numel() // 2
+        r = x[:, :rotary]
+        out = r * cos.double() + torch.cat([r[:, half:], r[:, :half]], 1) * sin.double()
+        return torch.cat([out, x[:, rotary:]], 1)
+
+    k_cache[0, :, pos] = rope(k, kv_heads).to(k_cache.dtype)
+    v_cache[0, :, pos] = v.reshape(kv_heads, d).to(v_cache.dtype)
+    q = rope(q, heads).reshape(1, kv_heads, heads // kv_heads, d)
+    keys, values = k_cache[:, :, :n].double(), v_cache[:, :, :n].double()
+    return F.scaled_dot_product_attention(q, keys, values).reshape(-1)
+
+
+@pytest.mark.parametrize("pos", [0, 5, 62, 63, 64, 199, 1000])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "rotary"), [(9, 3, 64, 64), (2, 2, 16, 16), (4, 1, 128, 64), (14, 2, 32, 0)]
+)
+def test_cache_attend_float32(ops, pos, heads, kv_heads, head_dim, rotary):
+    """RoPE (whole or partial, or none), the cache write and attention over positions 0..pos, across the
+    64-position work items' edges."""
+    torch.manual_seed(pos + heads)
+    qkv = torch.randn((heads + 2 * kv_heads) * head_dim)
+    angles = torch.rand(rotary // 2) * 6
+    cos = torch.cat([angles.cos(), angles.cos()]) if rotary else None
+    sin = torch.cat([-angles.sin(), angles.sin()]) if rotary else None  # the sign folded in, as the tables hold it
     k_cache, v_cache = torch.randn(2, 1, kv_heads, 1024, head_dim).unbind(0)
-    q = torch.randn(1, kv_heads, groups, head_dim) * 3
-    k, v = k_cache.narrow(2, 0, positions), v_cache.narrow(2, 0, positions)
-    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
-    torch.testing.assert_close(ops.attend(q, k, v), reference, rtol=1e-5, atol=2e-6)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    positions, window = torch.tensor([pos]), torch.arange(pos + 1)
+    got = ops.cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window)
+    expected = reference_cache_attend(qkv, cos, sin, k_ref, v_ref, pos, pos + 1)
+    torch.testing.assert_close(k_cache, k_ref)
+    torch.testing.assert_close(v_cache, v_ref)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("positions", [5, 64, 300])
-def test_attend_bfloat16_within_rounding(ops, positions):
-    torch.manual_seed(positions)
+@pytest.mark.parametrize("pos", [4, 64, 300])
+def test_cache_attend_bfloat16_within_rounding(ops, pos):
+    torch.manual_seed(pos)
+    qkv = torch.randn(15 * 64).bfloat16()
+    angles = torch.rand(32) * 6
+    cos = torch.cat([angles.cos(), angles.cos()]).bfloat16()
+    sin = torch.cat([-angles.sin(), angles.sin()]).bfloat16()
     k_cache, v_cache = torch.randn(2, 1, 3, 512, 64).bfloat16().unbind(0)
-    q = torch.randn(1, 3, 3, 64).bfloat16()
-    k, v = k_cache.narrow(2, 0, positions), v_cache.narrow(2, 0, positions)
-    got = ops.attend(q, k, v)
-    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    got = ops.cache_attend(qkv, cos, sin, k_cache, v_cache, torch.tensor([pos]), torch.arange(pos + 1))
+    expected = reference_cache_attend(qkv, cos, sin, k_ref, v_ref, pos, pos + 1)
     assert got.dtype == torch.bfloat16
-    assert (got.double() - reference).abs().max() < 2**-7
+    assert (got.double() - expected).abs().max() < 2**-6
+    # The new key rounds as torch's bfloat16 ops would: each product, then the sum.
+    k = qkv[9 * 64 :].reshape(-1, 64)[:3]
+    rotated = k * cos + torch.cat([k[:, 32:], k[:, :32]], 1) * sin
+    assert torch.equal(k_cache[0, :, pos], rotated)
 
 
-def test_attend_outside_its_shapes_uses_sdpa(ops):
-    q, k, v = torch.randn(1, 2, 3, 24), torch.randn(1, 2, 9, 24), torch.randn(1, 2, 9, 24)  # head_dim 24
-    torch.testing.assert_close(ops.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
+def test_cache_attend_on_float16_uses_torchs_ops(ops):
+    qkv, k_cache, v_cache = torch.randn(4 * 16).half(), torch.zeros(1, 1, 8, 16).half(), torch.zeros(1, 1, 8, 16).half()
+    got = ops.cache_attend(qkv, None, None, k_cache, v_cache, torch.tensor([0]), torch.arange(1))
+    torch.testing.assert_close(got, qkv[48:].repeat(2))  # one position: each query head gets its value
+    assert torch.equal(k_cache[0, 0, 0], qkv[32:48]) and torch.equal(v_cache[0, 0, 0], qkv[48:])
 
 
 def test_export_calls_the_ops_and_lists_them(llama_artifact, ops):
@@ -125,7 +166,7 @@ def test_export_calls_the_ops_and_lists_them(llama_artifact, ops):
 
     with quiet_torchscript():
         code = torch.jit.load(str(llama_artifact / "model.ts")).decode.code
-    for op in ("matvec", "silu_mul_matvec", "add_matvec", "attend"):
+    for op in ("matvec", "silu_mul_matvec", "add_matvec", "cache_attend"):
         assert f"ops.chat.{op}(" in code
 
 

@@ -10,8 +10,8 @@ Every method takes 1-D tensors: `ids` and `positions` of the new tokens and `win
 1-D hidden vectors, so its matmuls are matrix-vector products. On CPU in float32 (see fewest_ops) RMSNorm
 weights are folded into the next matmul's weights, residual adds ride on addmv (addmm in prefill) and one
 token's RoPE is one small matmul: a layer of decode is 26 graph ops instead of 31. Where chat's native
-kernels are built (chat.native), CPU decode's matrix-vector products and attention are theirs
-(torch.ops.chat.matvec, add_matvec and attend), which keep closer pace with the memory than torch's own.
+kernels are built (chat.native), CPU decode runs on them instead: a layer is five ops (q/k/v product with its
+norm, RoPE + cache write + attention, output product + residual, gate/up + SiLU, down product + residual).
 """
 
 from __future__ import annotations
@@ -121,12 +121,40 @@ class Layer(nn.Module):
         """x: (tokens, hidden), or (hidden,) for one decoded token. rope: (cos, sin) rows of the positions, or
         for one token the (head_dim, head_dim) matrix that rotates a head (see LeanLM.__init__)."""
         s, t = self.shape, self.transposed
-        groups = s.heads // s.kv_heads
-        qk_width = (s.heads + s.kv_heads) * s.head_dim
+        one = x.dim() == 1  # decided at trace time: decode has fewer reshapes
         h, unit_norm = self._norm_for(x, self.ln1, self.ln1_b)
         qkv = linear(h, self.wqkv, self.bqkv, "wqkv" in t, self.native, unit_norm)
+        if self.native and one:  # RoPE, the cache write and attention in one op
+            cos, sin = rope if isinstance(rope, tuple) else (None, None)
+            out = torch.ops.chat.cache_attend(qkv, cos, sin, self.k_cache, self.v_cache, positions, window)
+        else:
+            out = self._attention(qkv, positions, window, rope, mask, one)
+        x = self._add_linear(x, out, self.wo, self.bo, "wo")
+        h, unit_norm = self._norm_for(x, self.ln2, self.ln2_b)
+        if s.activation == "silu" and self.native and one and self.bup is None:
+            h = torch.ops.chat.silu_mul_matvec(self.wup, h, unit_norm)
+        elif s.activation == "silu":
+            gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native, unit_norm).chunk(2, dim=-1)
+            # On CPU in place (gate is a fresh matmul output): no new (tokens, intermediate) tensors, 11-13% off a
+            # 512-token prefill and 3-4% off decode; CUDA keeps the out-of-place form its fuser makes one kernel.
+            h = F.silu(gate) * up if self.for_cuda else F.silu(gate, inplace=True).mul_(up)
+        else:
+            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t, self.native, unit_norm), approximate="tanh")
+        return self._add_linear(x, h, self.wdown, self.bdown, "wdown")
+
+    def _attention(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        window: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None,
+        mask: torch.Tensor | None,
+        one: bool,
+    ) -> torch.Tensor:
+        s = self.shape
+        groups = s.heads // s.kv_heads
+        qk_width = (s.heads + s.kv_heads) * s.head_dim
         qk, v = qkv.split([qk_width, s.kv_heads * s.head_dim], dim=-1)
-        one = x.dim() == 1  # decided at trace time: decode has fewer reshapes
         # One token: heads as (1, heads, 1, head_dim), the cache's layout, so keys and values go in as they are.
         qk = qk.reshape(1, -1, 1, s.head_dim) if one else qk.reshape(-1, s.heads + s.kv_heads, s.head_dim)
         if isinstance(rope, torch.Tensor):  # one token on CPU in float32: RoPE as one small matmul
@@ -146,26 +174,12 @@ class Layer(nn.Module):
             q = q.reshape(1, s.kv_heads, groups, s.head_dim)
         else:
             q = q.reshape(-1, s.kv_heads, groups, s.head_dim).permute(1, 2, 0, 3).reshape(1, s.kv_heads, -1, s.head_dim)
-        if self.native and one:
-            out = torch.ops.chat.attend(q, keys, values)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         if one:
             out = out.reshape(-1)
         else:
             out = out.reshape(s.kv_heads, groups, -1, s.head_dim).permute(2, 0, 1, 3).reshape(-1, s.heads * s.head_dim)
-        x = self._add_linear(x, out, self.wo, self.bo, "wo")
-        h, unit_norm = self._norm_for(x, self.ln2, self.ln2_b)
-        if s.activation == "silu" and self.native and one and self.bup is None:
-            h = torch.ops.chat.silu_mul_matvec(self.wup, h, unit_norm)
-        elif s.activation == "silu":
-            gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native, unit_norm).chunk(2, dim=-1)
-            # On CPU in place (gate is a fresh matmul output): no new (tokens, intermediate) tensors, 11-13% off a
-            # 512-token prefill and 3-4% off decode; CUDA keeps the out-of-place form its fuser makes one kernel.
-            h = F.silu(gate) * up if self.for_cuda else F.silu(gate, inplace=True).mul_(up)
-        else:
-            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t, self.native, unit_norm), approximate="tanh")
-        return self._add_linear(x, h, self.wdown, self.bdown, "wdown")
+        return out
 
     def _norm_for(
         self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
@@ -230,7 +244,7 @@ class LeanLM(nn.Module):
         # On CPU in float32 one token's RoPE is a matmul by a matrix made once per step: diag(cos) + swap * sin,
         # swap[j, i] = 1 where j = i +- head_dim / 2 (the rotate-half pairs). One op per layer instead of four.
         swap = None
-        if fewest_ops and rope and shape.rotary_dim == shape.head_dim:
+        if fewest_ops and not native and rope and shape.rotary_dim == shape.head_dim:
             swap = torch.eye(shape.head_dim, dtype=rope[0].dtype, device=rope[0].device).roll(shape.head_dim // 2, 0)
         self.register_buffer("rope_swap", swap)
         self.blocks = nn.ModuleList(Layer(shape, w, transposed, for_cuda, fewest_ops, native) for w in layers)
@@ -248,7 +262,9 @@ class LeanLM(nn.Module):
         rope = None
         if self.cos is not None:
             rope = (self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1))
-        if one and self.rope_swap is not None:
+        if one and self.native and rope is not None:  # the rows themselves, for chat::cache_attend
+            rope = (rope[0][0, 0], rope[1][0, 0])
+        elif one and self.rope_swap is not None:
             rope = torch.diag(rope[0][0, 0]) + self.rope_swap * rope[1][0]
         for block in self.blocks:
             x = block.forward_tokens(x, positions, window, rope, mask)

@@ -1,8 +1,8 @@
 """chat's native CPU kernels (kernels.cpp): a decoded token's matrix-vector products, as torch ops.
 
 torch.ops.chat.matvec (w @ x, optionally of x's RMSNorm), silu_mul_matvec (a gated MLP's first half),
-add_matvec (r + w @ x) and attend (one token's attention over the filled cache): kernels.cpp says what
-each does. CPU artifacts exported where the kernels are built call them at decode; their manifest lists
+add_matvec (r + w @ x) and cache_attend (RoPE, the cache write and attention for one token): kernels.cpp
+says what each does. CPU artifacts exported where the kernels are built call them at decode; their manifest lists
 "chat" in "ops".
 
 The kernels are compiled once per machine, torch version and source (about 10 s of g++ against torch's
@@ -99,7 +99,9 @@ def build(directory: Path | None = None) -> Path:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     command = [
         compiler,
-        *("-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"),
+        # No contraction into fused multiply-adds: RoPE rounds each product as torch's ops do.
+        *("-O3", "-ffp-contract=off", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"),
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         *(f"-I{path}" for path in include_paths()),
         str(SOURCE),
         *(f"-L{path}" for path in library_paths()),
@@ -170,12 +172,37 @@ def _register_fallback() -> None:
         gate, up = matvec(w, x, eps_root).chunk(2)
         return F.silu(gate) * up
 
+    def cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window):  # see kernels.cpp
+        kv_heads, d = k_cache.size(1), k_cache.size(3)
+        heads = qkv.numel() // d - 2 * kv_heads
+        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d])
+
+        def rope(x: torch.Tensor, count: int) -> torch.Tensor:
+            x = x.reshape(count, d)
+            if cos is None:
+                return x
+            rotary, half = cos.numel(), cos.numel() // 2
+            r = x[:, :rotary]
+            out = r * cos + torch.cat([r[:, half:], r[:, :half]], 1) * sin
+            return torch.cat([out, x[:, rotary:]], 1)
+
+        k_cache.index_copy_(2, positions, rope(k, kv_heads).reshape(1, kv_heads, 1, d))
+        v_cache.index_copy_(2, positions, v.reshape(1, kv_heads, 1, d))
+        n = window.size(0)
+        q = rope(q, heads).reshape(1, kv_heads, heads // kv_heads, d)
+        return F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n]).reshape(-1)
+
     _fallback = torch.library.Library(OPS, "DEF")
     for name, schema, kernel in (
         ("matvec", "(Tensor w, Tensor x, float? unit_norm=None) -> Tensor", matvec),
         ("silu_mul_matvec", "(Tensor w, Tensor x, float? unit_norm=None) -> Tensor", silu_mul_matvec),
         ("add_matvec", "(Tensor r, Tensor w, Tensor x) -> Tensor", lambda r, w, x: r + torch.mv(w, x)),
-        ("attend", "(Tensor q, Tensor k, Tensor v) -> Tensor", F.scaled_dot_product_attention),
+        (
+            "cache_attend",
+            "(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
+            "Tensor window) -> Tensor",
+            cache_attend,
+        ),
     ):
         _fallback.define(name + schema)
         _fallback.impl(name, kernel, "CompositeExplicitAutograd")

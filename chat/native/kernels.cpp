@@ -11,7 +11,8 @@
 //     weight (unit_norm: the norm's eps term, see unit_norm_scale);
 //   chat::silu_mul_matvec(w, x, unit_norm) = silu(gate) * up of w @ x = [gate; up];
 //   chat::add_matvec(r, w, x) = r + w @ x;
-//   chat::attend(q, k, v) = one token's attention over the filled cache (see attend, below).
+//   chat::cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window) = RoPE, the cache write and
+//     attention over the filled cache, for one token: the attention half of a decode layer in one op.
 // bfloat16 results round as torch's ops would, step by step (a product to bfloat16, then the sum with r:
 // transformers adds a layer's output to the residual that way).
 
@@ -308,28 +309,16 @@ CHAT_AVX512 void attend_chunk(const float* q, const T* k, const T* v, int64_t gr
   }
 }
 
-bool attend_fast_path(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  const auto dtype = q.scalar_type();
-  return avx512 && q.device().is_cpu() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(0) == 1 &&
-         k.sizes() == v.sizes() && k.size(0) == 1 && k.size(1) == q.size(1) && k.size(3) == q.size(3) &&
-         k.size(2) > 0 && q.size(2) <= kMaxGroups && q.size(3) % 16 == 0 && q.size(3) <= kMaxHeadDim &&
-         (dtype == at::kFloat || dtype == at::kBFloat16) && k.scalar_type() == dtype && v.scalar_type() == dtype &&
-         k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == k.size(3) && v.stride(2) == v.size(3);
-}
-
-// softmax(q k^T / sqrt(d)) v for one decoded token: q (1, kv_heads, groups, d), k and v (1, kv_heads, n, d),
-// each head's rows contiguous (a narrowed cache). Work items are (kv head, 64 positions); their partial
-// results merge as in flash-decoding. Keys and values stream once, shared by the query heads of their group.
-at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v) {
-  if (!attend_fast_path(q_in, k, v)) return at::scaled_dot_product_attention(q_in, k, v);
-  const int64_t heads = k.size(1), groups = q_in.size(2), n = k.size(2), d = q_in.size(3);
+// Attention of float32 queries qp (kv_heads x groups x d) over positions [0, n) of k and v (1, kv_heads, len, d),
+// rows contiguous. Work items are (kv head, 64 positions); their partial results merge as in flash-decoding.
+// Keys and values stream once, shared by the query heads of their group. Returns (1, kv_heads, groups, d).
+at::Tensor attend_float(const float* qp, const at::Tensor& k, const at::Tensor& v, int64_t groups, int64_t n) {
+  const int64_t heads = k.size(1), d = k.size(3);
   const int64_t chunks = (n + kChunk - 1) / kChunk, items = heads * chunks;
-  const at::Tensor q = q_in.to(at::kFloat).contiguous();
+  const auto floats = k.options().dtype(at::kFloat);
   // Per item and query head: m, l, then acc (d floats).
-  at::Tensor parts = at::empty({items, groups, d + 2}, q.options());
+  at::Tensor parts = at::empty({items, groups, d + 2}, floats);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const float* qp = q.data_ptr<float>();
   float* pp = parts.data_ptr<float>();
   auto run = [&](auto* kp, auto* vp) {
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -351,7 +340,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor&
   } else {
     run(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
   }
-  at::Tensor result = at::empty({1, heads, groups, d}, q.options());
+  at::Tensor result = at::empty({1, heads, groups, d}, floats);
   float* rp = result.data_ptr<float>();
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t g = 0; g < groups; ++g) {
@@ -370,7 +359,87 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor&
       for (int64_t i = 0; i < d; ++i) o[i] /= total;
     }
   }
-  return result.to(q_in.scalar_type());
+  return result;
+}
+
+// x * cos + swap(x) * sin on the first `rotary` features of a head (RoPE, rotate-half form; sin holds the
+// sign), each product and the sum rounded to T as torch's ops on T would (hence no fused multiply-add).
+template <typename T>
+void rotate(const T* x, const T* cos, const T* sin, int64_t rotary, int64_t d, T* out) {
+  const int64_t half = rotary / 2;
+  for (int64_t i = 0; i < rotary; ++i) {
+    const T swapped = x[i < half ? i + half : i - half];
+    const T a = static_cast<T>(static_cast<float>(x[i]) * static_cast<float>(cos[i]));
+    const T b = static_cast<T>(static_cast<float>(swapped) * static_cast<float>(sin[i]));
+    out[i] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  }
+  for (int64_t i = rotary; i < d; ++i) out[i] = x[i];
+}
+
+// The attention half of a decode layer after its q/k/v product: RoPE on q and k (when cos and sin are given:
+// their rows for the token's position), k and v written into the caches at that position, then attend over
+// the window's positions. qkv is (heads + 2 kv_heads) * d; the caches (1, kv_heads, len, d). Returns (heads * d).
+at::Tensor cache_attend(const at::Tensor& qkv, const std::optional<at::Tensor>& cos,
+                        const std::optional<at::Tensor>& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                        const at::Tensor& positions, const at::Tensor& window) {
+  const int64_t kv_heads = k_cache.size(1), d = k_cache.size(3), n = window.size(0);
+  const int64_t heads = qkv.numel() / d - 2 * kv_heads;
+  const int64_t rotary = cos ? cos->numel() : 0;
+  TORCH_CHECK(qkv.dim() == 1 && heads > 0 && heads % kv_heads == 0 && positions.numel() == 1 && rotary % 2 == 0 &&
+                  rotary <= d && (sin ? sin->numel() : 0) == rotary && n >= 1 && n <= k_cache.size(2),
+              "chat::cache_attend: shapes do not match");
+  const auto dtype = qkv.scalar_type();
+  const bool fast = __builtin_cpu_supports("avx512f") && (dtype == at::kFloat || dtype == at::kBFloat16) &&
+                    qkv.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                    k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype && d % 16 == 0 &&
+                    heads / kv_heads <= kMaxGroups && (!cos || (cos->is_contiguous() && sin->is_contiguous() &&
+                                                                cos->scalar_type() == dtype && sin->scalar_type() == dtype));
+  if (!fast) {  // the same steps in torch's ops
+    auto parts = qkv.split({heads * d, kv_heads * d, kv_heads * d});
+    auto rope = [&](const at::Tensor& x, int64_t count) {
+      at::Tensor h = x.reshape({count, d});
+      if (!cos) return h;
+      at::Tensor r = h.narrow(1, 0, rotary);
+      at::Tensor swapped = at::cat({r.narrow(1, rotary / 2, rotary / 2), r.narrow(1, 0, rotary / 2)}, 1);
+      at::Tensor out = r * cos->reshape({1, rotary}) + swapped * sin->reshape({1, rotary});
+      return rotary < d ? at::cat({out, h.narrow(1, rotary, d - rotary)}, 1) : out;
+    };
+    at::Tensor q = rope(parts[0], heads).reshape({1, kv_heads, heads / kv_heads, d});
+    k_cache.index_copy_(2, positions, rope(parts[1], kv_heads).reshape({1, kv_heads, 1, d}));
+    v_cache.index_copy_(2, positions, parts[2].reshape({1, kv_heads, 1, d}));
+    return at::scaled_dot_product_attention(q, k_cache.narrow(2, 0, n), v_cache.narrow(2, 0, n)).reshape({-1});
+  }
+  const int64_t pos = positions.item<int64_t>();
+  TORCH_CHECK(pos >= 0 && pos < k_cache.size(2), "chat::cache_attend: position outside the cache");
+  std::vector<float> q(heads * d);
+  auto run = [&](auto* x, auto* kc, auto* vc, auto* c, auto* s) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(x)>>;
+    std::vector<T> rotated(d);
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* head = x + h * d;
+      if (c) rotate(head, c, s, rotary, d, rotated.data());
+      for (int64_t i = 0; i < d; ++i) q[h * d + i] = static_cast<float>(c ? rotated[i] : head[i]);
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const T* key = x + (heads + h) * d;
+      T* key_slot = kc + (h * k_cache.size(2) + pos) * d;
+      if (c) {
+        rotate(key, c, s, rotary, d, key_slot);
+      } else {
+        std::copy(key, key + d, key_slot);
+      }
+      const T* value = x + (heads + kv_heads + h) * d;
+      std::copy(value, value + d, vc + (h * v_cache.size(2) + pos) * d);
+    }
+  };
+  if (dtype == at::kFloat) {
+    run(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+        cos ? cos->data_ptr<float>() : nullptr, sin ? sin->data_ptr<float>() : nullptr);
+  } else {
+    run(qkv.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(),
+        cos ? cos->data_ptr<at::BFloat16>() : nullptr, sin ? sin->data_ptr<at::BFloat16>() : nullptr);
+  }
+  return attend_float(q.data(), k_cache, v_cache, heads / kv_heads, n).reshape({-1}).to(dtype);
 }
 
 }  // namespace
@@ -379,12 +448,14 @@ TORCH_LIBRARY(chat, m) {
   m.def("matvec(Tensor w, Tensor x, float? unit_norm=None) -> Tensor");
   m.def("silu_mul_matvec(Tensor w, Tensor x, float? unit_norm=None) -> Tensor");
   m.def("add_matvec(Tensor r, Tensor w, Tensor x) -> Tensor");
-  m.def("attend(Tensor q, Tensor k, Tensor v) -> Tensor");
+  m.def(
+      "cache_attend(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
+      "Tensor window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chat, CPU, m) {
   m.impl("matvec", &matvec);
   m.impl("silu_mul_matvec", &silu_mul_matvec);
   m.impl("add_matvec", &add_matvec);
-  m.impl("attend", &attend);
+  m.impl("cache_attend", &cache_attend);
 }
