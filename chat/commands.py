@@ -13,6 +13,7 @@ from chat.errors import ChatError
 from chat.params import PARSERS, parse_assignments
 
 if TYPE_CHECKING:
+    from chat.backends.base import BackendInfo
     from chat.session import Session
 
 
@@ -54,7 +55,7 @@ def do_status(session: Session, rest: str) -> None:
     rows = [
         ("model", f"{info.model} ({info.path})" if info.path != info.model else info.model),
         ("backend", f"{info.name}" + (f" ({info.reason})" if info.reason else "")),
-        ("device", f"{info.device}, {info.dtype}" + (_threads(info.threads) if info.device == "cpu" else "")),
+        ("device", describe_device(info)),
         ("parameters", params),
         ("system", history.system if history.system else "(none)"),
         (
@@ -154,5 +155,7 @@ def run_command(session: Session, line: str) -> None:
         session.error(str(why))
 
 
-def _threads(count: int) -> str:
-    return f", {count} thread" + ("s" if count != 1 else "")
+def describe_device(info: BackendInfo) -> str:
+    """ "cpu, bfloat16, native kernels, 2 threads": where and how the model runs."""
+    threads = f", {info.threads} thread" + ("s" if info.threads != 1 else "")
+    return f"{info.device}, {info.runs_on}" + (threads if info.device == "cpu" else "")

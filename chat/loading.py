@@ -59,6 +59,7 @@ class SessionLoad:
         self.options = options
         self._session: Session | None = None
         self._error: BaseException | None = None
+        self._error_raised = False  # by session() or the alert: a late alert then stays quiet
         self._done = threading.Event()
         self._handover = background  # the main thread has yet to take the session over (see session())
         self._alert = background and hasattr(signal, "pthread_kill")  # not on Windows
@@ -83,8 +84,9 @@ class SessionLoad:
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
     def _on_failure(self, signum: int, frame: object) -> None:
-        if self._error is None:
+        if self._error is None or self._error_raised:
             return
+        self._error_raised = True
         try:  # a message half typed goes into the input history: Up brings it back next time
             import readline
 
@@ -109,6 +111,7 @@ class SessionLoad:
             notice("(loading the model ...)")
             self._done.wait()
         if self._error is not None:
+            self._error_raised = True
             raise self._error
         session = self._session
         assert session is not None

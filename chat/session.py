@@ -242,7 +242,7 @@ def interactive(options: Options, load: SessionLoad) -> int:
         session.conversational = True
         show_notes(session)
         info = session.backend.info
-        intro = f"chat · {label} · {info.name} on {info.device} ({info.dtype}) · "
+        intro = f"chat · {label} · {info.name} on {info.device} ({info.runs_on}) · "
     print(style.note(intro + '!help for commands, """ for multi-line, Ctrl+D to quit'), flush=True)
     prompt = style.user(f"{options.user}:") + " "
     more = style.user("...") + " "
@@ -283,7 +283,7 @@ def _ready(load: SessionLoad, notice: Callable[[str], None]) -> Session:
     session = load.session(notice)
     session.conversational = True
     info = session.backend.info
-    session.notice(f"({info.name} on {info.device}, {info.dtype})")
+    session.notice(f"({info.name} on {info.device}, {info.runs_on})")
     show_notes(session)
     return session
 

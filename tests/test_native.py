@@ -231,3 +231,36 @@ def test_build_into_a_directory_names_the_library_by_source_and_torch(tmp_path):
     assert built.parent == tmp_path and built.is_file()
     assert built.name == native.library_name() and torch.__version__.replace("+", "_") in built.name
     assert not list(tmp_path.glob(".chat_native-*"))  # no partial file left behind
+
+
+EXPORT_WITHOUT_COMPILER = """
+import sys
+from chat.export import export
+export(sys.argv[1], sys.argv[2], max_len=64, progress=print)
+"""
+
+
+def test_without_a_compiler_export_uses_torchs_ops_and_says_why(tiny_llama, tmp_path):
+    """No library and no g++: the artifact is exported on torch's ops alone (no "ops" needed to load it)."""
+    env = {**os.environ, "CHAT_NATIVE_DIR": str(tmp_path / "empty"), "CXX": "/bin/false"}
+    out = tmp_path / "ts"
+    done = subprocess.run(
+        [sys.executable, "-c", EXPORT_WITHOUT_COMPILER, str(tiny_llama), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "decode on torch's kernels: building chat's native kernels failed" in done.stdout
+    assert json.loads((out / "chat-artifact.json").read_text())["ops"] == []
+
+
+def test_status_says_the_native_kernels_run_the_model(llama_artifact, ops):
+    from chat.backends.torchscript_backend import TorchScriptBackend
+    from chat.commands import describe_device
+
+    info = TorchScriptBackend(llama_artifact).info
+    assert info.kernels == "native" and info.notes == []
+    assert describe_device(info).startswith("cpu, float32, native kernels, ")

@@ -45,9 +45,12 @@ class TorchScriptBackend:
             )
         hashes = hash_check(directory, manifest)
         torch.set_num_threads(cpu_threads(options))
-        notes = []
-        if native.OPS in manifest.get("ops", []) and not native.load():
-            notes.append(f"{native.why_not()}; decoding on torch's own kernels, slower")
+        notes, kernels = [], ""
+        if native.OPS in manifest.get("ops", []):
+            if native.load():
+                kernels = "native"
+            else:
+                notes.append(f"{native.why_not()}; decoding on torch's own kernels, slower")
         try:
             with quiet_torchscript():
                 module = torch.jit.load(str(directory / MODEL_FILE), map_location=device)
@@ -79,6 +82,7 @@ class TorchScriptBackend:
             dtype=manifest["dtype"],
             context_length=self.max_len,
             threads=torch.get_num_threads(),
+            kernels=kernels,
             notes=notes,
         )
         self._device = device

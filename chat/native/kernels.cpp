@@ -1,4 +1,4 @@
-// chat's native CPU kernels: the matrix-vector products of one decoded token.
+// chat's native CPU kernels: the ops of one decoded token's layer (see chat/native/__init__.py).
 //
 // At one token a decode step is a stream of weights through matrix-vector products. torch's own kernels
 // for these run below the memory's pace on AVX-512 machines: in bfloat16 at about 15 GB/s, where these
@@ -117,9 +117,16 @@ __attribute__((target("avx512f"))) void dot_rows_f32(
   }
 }
 
+// The AVX-512 parts the kernels' target attributes let the compiler use.
+bool has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return has;
+}
+
 bool fast_path(const at::Tensor& w, const at::Tensor& x) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  static const bool avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+  const bool avx512 = has_avx512();
+  static const bool avx512_bf16 = has_avx512() && __builtin_cpu_supports("avx512bf16");
   if (!w.device().is_cpu() || w.dim() != 2 || x.dim() != 1 || w.scalar_type() != x.scalar_type() ||
       w.size(1) != x.size(0) || w.size(1) == 0) {
     return false;
@@ -389,7 +396,7 @@ at::Tensor cache_attend(const at::Tensor& qkv, const std::optional<at::Tensor>& 
                   rotary <= d && (sin ? sin->numel() : 0) == rotary && n >= 1 && n <= k_cache.size(2),
               "chat::cache_attend: shapes do not match");
   const auto dtype = qkv.scalar_type();
-  const bool fast = __builtin_cpu_supports("avx512f") && (dtype == at::kFloat || dtype == at::kBFloat16) &&
+  const bool fast = has_avx512() && (dtype == at::kFloat || dtype == at::kBFloat16) &&
                     qkv.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                     k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype && d % 16 == 0 &&
                     heads / kv_heads <= kMaxGroups && (!cos || (cos->is_contiguous() && sin->is_contiguous() &&
