@@ -115,12 +115,13 @@ def peak_rss_mib() -> float:
 
 
 def older_than_exporter(artifact: Path) -> bool:
-    """Whether the exporter's code changed since `artifact` was written: the table must measure the code as it is
-    (as `make demo-artifact` re-exports the demo's artifact)."""
+    """Whether the exporter's code or the native kernels changed since `artifact` was written: the table must
+    measure the code as it is (as `make demo-artifact` re-exports the demo's artifact)."""
     from chat.artifact import MANIFEST
 
     written = (artifact / MANIFEST).stat().st_mtime
-    return any(source.stat().st_mtime > written for source in (REPO / "chat" / "export").glob("*.py"))
+    sources = [*(REPO / "chat" / "export").glob("*.py"), REPO / "chat" / "native" / "kernels.cpp"]
+    return any(source.stat().st_mtime > written for source in sources)
 
 
 def worker(common: dict, what: str, dtype: str) -> dict:
