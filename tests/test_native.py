@@ -170,6 +170,20 @@ def test_export_calls_the_ops_and_lists_them(llama_artifact, ops):
         assert f"ops.chat.{op}(" in code
 
 
+def run_python(code: str, *args: object, **env: str) -> subprocess.CompletedProcess:
+    """`code` in a Python of its own (chat.native's state is per process), with `env` added; it must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 FALLBACK_RUN = """
 import sys, torch
 from chat import native
@@ -188,17 +202,8 @@ def test_without_the_library_the_artifact_runs_on_torchs_kernels_and_says_so(lla
     """A missing library (another torch, no compiler) costs speed, not the chat: same logits, one note."""
     logits = {}
     for kind, cache in (("native", native.cache_dir()), ("fallback", tmp_path / "empty")):
-        env = {**os.environ, "CHAT_NATIVE_DIR": str(cache)}
         out = tmp_path / f"{kind}.pt"
-        done = subprocess.run(
-            [sys.executable, "-c", FALLBACK_RUN, str(llama_artifact), str(out)],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr
+        done = run_python(FALLBACK_RUN, llama_artifact, out, CHAT_NATIVE_DIR=str(cache))
         assert done.stdout.splitlines()[0] == kind
         if kind == "fallback":
             assert "native kernels are not built" in done.stdout and "torch's own kernels" in done.stdout
@@ -242,17 +247,10 @@ export(sys.argv[1], sys.argv[2], max_len=64, progress=print)
 
 def test_without_a_compiler_export_uses_torchs_ops_and_says_why(tiny_llama, tmp_path):
     """No library and no g++: the artifact is exported on torch's ops alone (no "ops" needed to load it)."""
-    env = {**os.environ, "CHAT_NATIVE_DIR": str(tmp_path / "empty"), "CXX": "/bin/false"}
     out = tmp_path / "ts"
-    done = subprocess.run(
-        [sys.executable, "-c", EXPORT_WITHOUT_COMPILER, str(tiny_llama), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
+    done = run_python(
+        EXPORT_WITHOUT_COMPILER, tiny_llama, out, CHAT_NATIVE_DIR=str(tmp_path / "empty"), CXX="/bin/false"
     )
-    assert done.returncode == 0, done.stderr
     assert "decode on torch's kernels: building chat's native kernels failed" in done.stdout
     assert json.loads((out / "chat-artifact.json").read_text())["ops"] == []
 
