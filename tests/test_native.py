@@ -65,6 +65,21 @@ def test_matvec_applies_the_rms_norm_when_given_its_eps_term(ops, rows, cols):
     torch.testing.assert_close(ops.matvec(w, x, None), torch.mv(w, x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_applies_a_weighted_rms_norm_as_the_module_does(ops, dtype):
+    """With the norm's weight (the bfloat16 path): weight * (x / hypot(|x|, eps_root) * sqrt(k)), each step
+    rounded to the dtype, as chat/export/model.py's _norm computes it in torch's ops."""
+    torch.manual_seed(3)
+    w, x, weight, eps_root = torch.randn(96, 64), torch.randn(64) * 3, torch.rand(64) + 0.5, 0.2
+    w, x, weight = w.to(dtype), x.to(dtype), weight.to(dtype)
+    unit = x.float() / torch.hypot(torch.linalg.vector_norm(x.float()), torch.tensor(eps_root))
+    normed = weight * (unit * 8.0).to(dtype)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(ops.matvec(w, x, eps_root, weight), torch.mv(w, normed), **tolerance)
+    gate, up = torch.mv(w, normed).chunk(2)
+    torch.testing.assert_close(ops.silu_mul_matvec(w, x, eps_root, weight), F.silu(gate) * up, **tolerance)
+
+
 @pytest.mark.parametrize(("rows", "cols"), [(3072, 576), (14, 33)])
 def test_silu_mul_matvec_is_a_gated_mlps_first_half(ops, rows, cols):
     torch.manual_seed(rows)

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 Weights = dict[str, torch.Tensor | None]
+# An RMSNorm left to a native kernel: its eps term sqrt(hidden * eps), and its weight (None where the weight
+# is folded into the matmul's, with sqrt(hidden): the float32 CPU path).
+RmsNorm = tuple[float, torch.Tensor | None] | None
 
 
 @dataclass
@@ -72,16 +75,15 @@ def linear(
     b: torch.Tensor | None,
     transposed: bool,
     native: bool = False,
-    unit_norm: float | None = None,
+    norm: RmsNorm = None,
 ) -> torch.Tensor:
     """x @ W.T + b for a weight stored (out, in), or x @ W + b for one stored (in, out); x is 1-D at decode.
-    native: one token's product on chat's native kernels, which apply x's RMSNorm first if unit_norm (the
-    norm's eps term) is given."""
+    native: one token's product on chat's native kernels, which apply x's RMSNorm first if `norm` is given."""
     if transposed:
         y = torch.matmul(x, w)
         return y if b is None else y + b
     if native and x.dim() == 1:
-        y = torch.ops.chat.matvec(w, x, unit_norm)
+        y = torch.ops.chat.matvec(w, x, *norm) if norm else torch.ops.chat.matvec(w, x)
         return y if b is None else y + b
     if x.dim() == 1:
         return torch.mv(w, x) if b is None else torch.addmv(b, w, x)
@@ -122,24 +124,28 @@ class Layer(nn.Module):
         for one token the (head_dim, head_dim) matrix that rotates a head (see LeanLM.__init__)."""
         s, t = self.shape, self.transposed
         one = x.dim() == 1  # decided at trace time: decode has fewer reshapes
-        h, unit_norm = self._norm_for(x, self.ln1, self.ln1_b)
-        qkv = linear(h, self.wqkv, self.bqkv, "wqkv" in t, self.native, unit_norm)
+        h, norm = self._norm_for(x, self.ln1, self.ln1_b)
+        qkv = linear(h, self.wqkv, self.bqkv, "wqkv" in t, self.native, norm)
         if self.native and one:  # RoPE, the cache write and attention in one op
             cos, sin = rope if isinstance(rope, tuple) else (None, None)
             out = torch.ops.chat.cache_attend(qkv, cos, sin, self.k_cache, self.v_cache, positions, window)
         else:
             out = self._attention(qkv, positions, window, rope, mask, one)
         x = self._add_linear(x, out, self.wo, self.bo, "wo")
-        h, unit_norm = self._norm_for(x, self.ln2, self.ln2_b)
+        h, norm = self._norm_for(x, self.ln2, self.ln2_b)
         if s.activation == "silu" and self.native and one and self.bup is None:
-            h = torch.ops.chat.silu_mul_matvec(self.wup, h, unit_norm)
+            h = (
+                torch.ops.chat.silu_mul_matvec(self.wup, h, *norm)
+                if norm
+                else torch.ops.chat.silu_mul_matvec(self.wup, h)
+            )
         elif s.activation == "silu":
-            gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native, unit_norm).chunk(2, dim=-1)
+            gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native, norm).chunk(2, dim=-1)
             # On CPU in place (gate is a fresh matmul output): no new (tokens, intermediate) tensors, 11-13% off a
             # 512-token prefill and 3-4% off decode; CUDA keeps the out-of-place form its fuser makes one kernel.
             h = F.silu(gate) * up if self.for_cuda else F.silu(gate, inplace=True).mul_(up)
         else:
-            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t, self.native, unit_norm), approximate="tanh")
+            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t, self.native, norm), approximate="tanh")
         return self._add_linear(x, h, self.wdown, self.bdown, "wdown")
 
     def _attention(
@@ -183,11 +189,11 @@ class Layer(nn.Module):
 
     def _norm_for(
         self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
-    ) -> tuple[torch.Tensor, float | None]:
-        """The input of the matmul after a norm, and the eps term when the native kernel applies the norm itself
-        (one token, float32 on CPU: the norm's weight is folded into the matmul's, its scale is one number)."""
-        if self.native and self.fold_norms and x.dim() == 1:
-            return x, self.eps_root
+    ) -> tuple[torch.Tensor, RmsNorm]:
+        """The input of the matmul after a norm, or for one token on the native kernels x itself and the RMSNorm
+        for the kernel to apply (a dozen small ops fewer per norm)."""
+        if self.native and x.dim() == 1 and self.shape.norm == "rms":
+            return x, (self.eps_root, None if self.fold_norms else weight)
         return self._norm(x, weight, bias), None
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
@@ -268,8 +274,12 @@ class LeanLM(nn.Module):
             rope = torch.diag(rope[0][0, 0]) + self.rope_swap * rope[1][0]
         for block in self.blocks:
             x = block.forward_tokens(x, positions, window, rope, mask)
-        x = _norm(self.shape, x if one else x[-1], self.norm_w, self.norm_b, self.for_cuda, self.norm_eps)
+        x = x if one else x[-1]
         head = self.embed if self.lm_head is None else self.lm_head
+        if self.native and self.shape.norm == "rms":  # the kernel applies the final norm
+            eps_root = (self.shape.hidden_size * self.shape.norm_eps) ** 0.5
+            return linear(x, head, None, self.head_transposed, True, (eps_root, self.norm_w))
+        x = _norm(self.shape, x, self.norm_w, self.norm_b, self.for_cuda, self.norm_eps)
         return linear(x, head, None, self.head_transposed, self.native)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:

@@ -160,16 +160,17 @@ def _register_fallback() -> None:
     import torch
     import torch.nn.functional as F
 
-    def unit_norm(x: torch.Tensor, eps_root: float | None) -> torch.Tensor:
+    def rms_norm(x: torch.Tensor, eps_root: float | None, weight: torch.Tensor | None) -> torch.Tensor:
         if eps_root is None:
             return x
-        return x / torch.hypot(torch.linalg.vector_norm(x), torch.tensor(eps_root, dtype=x.dtype))
+        unit = x.float() / torch.hypot(torch.linalg.vector_norm(x.float()), torch.tensor(eps_root))
+        return unit.to(x.dtype) if weight is None else weight * (unit * x.numel() ** 0.5).to(x.dtype)
 
-    def matvec(w: torch.Tensor, x: torch.Tensor, eps_root: float | None = None) -> torch.Tensor:
-        return torch.mv(w, unit_norm(x, eps_root))
+    def matvec(w, x, eps_root=None, norm_weight=None):
+        return torch.mv(w, rms_norm(x, eps_root, norm_weight))
 
-    def silu_mul_matvec(w: torch.Tensor, x: torch.Tensor, eps_root: float | None = None) -> torch.Tensor:
-        gate, up = matvec(w, x, eps_root).chunk(2)
+    def silu_mul_matvec(w, x, eps_root=None, norm_weight=None):
+        gate, up = matvec(w, x, eps_root, norm_weight).chunk(2)
         return F.silu(gate) * up
 
     def cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window):  # see kernels.cpp
@@ -194,8 +195,12 @@ def _register_fallback() -> None:
 
     _fallback = torch.library.Library(OPS, "DEF")
     for name, schema, kernel in (
-        ("matvec", "(Tensor w, Tensor x, float? unit_norm=None) -> Tensor", matvec),
-        ("silu_mul_matvec", "(Tensor w, Tensor x, float? unit_norm=None) -> Tensor", silu_mul_matvec),
+        ("matvec", "(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None) -> Tensor", matvec),
+        (
+            "silu_mul_matvec",
+            "(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None) -> Tensor",
+            silu_mul_matvec,
+        ),
         ("add_matvec", "(Tensor r, Tensor w, Tensor x) -> Tensor", lambda r, w, x: r + torch.mv(w, x)),
         (
             "cache_attend",

@@ -7,9 +7,10 @@
 // once per block. CPUs without AVX-512 (or without its bfloat16 part) get torch's own kernels.
 //
 // Ops (schemas at the end), for w (n, k) and x (k,) of one dtype, float32 or bfloat16:
-//   chat::matvec(w, x, unit_norm) = w @ x, or in float32 w @ rmsnorm(x) for a weight that holds the norm's
-//     weight (unit_norm: the norm's eps term, see unit_norm_scale);
-//   chat::silu_mul_matvec(w, x, unit_norm) = silu(gate) * up of w @ x = [gate; up];
+//   chat::matvec(w, x, unit_norm, norm_weight) = w @ x, or w @ rmsnorm(x) when unit_norm (the norm's eps term)
+//     is given: with norm_weight the norm as the exported module computes it (see rms_norm), without it
+//     in float32 for a weight that holds the norm's weight (see unit_norm_scale);
+//   chat::silu_mul_matvec(w, x, unit_norm, norm_weight) = silu(gate) * up of the same, w = [gate; up];
 //   chat::add_matvec(r, w, x) = r + w @ x;
 //   chat::cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window) = RoPE, the cache write and
 //     attention over the filled cache, for one token: the attention half of a decode layer in one op.
@@ -175,7 +176,41 @@ at::Tensor unit_norm_fallback(const at::Tensor& x, std::optional<double> eps_roo
   return x / at::hypot(at::linalg_vector_norm(x), at::scalar_tensor(*eps_root, x.options()));
 }
 
-at::Tensor matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<double> unit_norm) {
+// RMSNorm as the exported module computes it in torch's ops, each step rounded to x's dtype as they would be:
+// weight * (x / hypot(|x|, eps_root) * sqrt(k)), the inner part in float32.
+template <typename T>
+void rms_norm_into(const T* x, const T* weight, int64_t k, double eps_root, T* out) {
+  double sum = eps_root * eps_root;
+  for (int64_t i = 0; i < k; ++i) sum += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  const float hypot = static_cast<float>(std::sqrt(sum)), root = std::sqrt(static_cast<float>(k));
+  for (int64_t i = 0; i < k; ++i) {
+    const T normed = static_cast<T>(static_cast<float>(x[i]) / hypot * root);
+    out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
+  }
+}
+
+at::Tensor rms_norm(const at::Tensor& x_in, double eps_root, const at::Tensor& weight_in) {
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const auto dtype = x.scalar_type();
+  if (x.dim() != 1 || weight.sizes() != x.sizes() || weight.scalar_type() != dtype ||
+      (dtype != at::kFloat && dtype != at::kBFloat16)) {
+    const at::Tensor xf = x.to(at::kFloat);
+    const at::Tensor unit = xf / at::hypot(at::linalg_vector_norm(xf), at::scalar_tensor(eps_root, xf.options()));
+    return weight * (unit * std::sqrt(static_cast<double>(x.size(-1)))).to(dtype);
+  }
+  at::Tensor out = at::empty_like(x);
+  if (dtype == at::kFloat) {
+    rms_norm_into(x.data_ptr<float>(), weight.data_ptr<float>(), x.numel(), eps_root, out.data_ptr<float>());
+  } else {
+    rms_norm_into(x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), x.numel(), eps_root,
+                  out.data_ptr<at::BFloat16>());
+  }
+  return out;
+}
+
+at::Tensor matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<double> unit_norm,
+                  const std::optional<at::Tensor>& norm_weight) {
+  if (unit_norm && norm_weight) return matvec(w_in, rms_norm(x_in, *unit_norm, *norm_weight), {}, {});
   if (!fast_path(w_in, x_in) || (unit_norm && x_in.scalar_type() != at::kFloat)) {
     return at::mv(w_in, unit_norm_fallback(x_in, unit_norm));
   }
@@ -232,8 +267,10 @@ CHAT_AVX512 void silu_products(const float* gate, const float* up, float* out, i
 
 // silu(gate) * up for w holding the gate rows, then the up rows: one op for a gated MLP's first half. In
 // bfloat16 each step rounds as torch's ops do: gate and up, silu(gate), then the product.
-at::Tensor silu_mul_matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<double> unit_norm) {
+at::Tensor silu_mul_matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<double> unit_norm,
+                           const std::optional<at::Tensor>& norm_weight) {
   TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) % 2 == 0, "chat::silu_mul_matvec: w needs an even number of rows");
+  if (unit_norm && norm_weight) return silu_mul_matvec(w_in, rms_norm(x_in, *unit_norm, *norm_weight), {}, {});
   const int64_t half = w_in.size(0) / 2;
   if (!fast_path(w_in, x_in) || (unit_norm && x_in.scalar_type() != at::kFloat)) {
     const auto gate_up = at::mv(w_in, unit_norm_fallback(x_in, unit_norm)).chunk(2);
@@ -476,8 +513,8 @@ at::Tensor cache_attend(const at::Tensor& qkv, const std::optional<at::Tensor>& 
 }  // namespace
 
 TORCH_LIBRARY(chat, m) {
-  m.def("matvec(Tensor w, Tensor x, float? unit_norm=None) -> Tensor");
-  m.def("silu_mul_matvec(Tensor w, Tensor x, float? unit_norm=None) -> Tensor");
+  m.def("matvec(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None) -> Tensor");
+  m.def("silu_mul_matvec(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None) -> Tensor");
   m.def("add_matvec(Tensor r, Tensor w, Tensor x) -> Tensor");
   m.def(
       "cache_attend(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
