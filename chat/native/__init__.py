@@ -1,9 +1,9 @@
-"""chat's native CPU kernels (kernels.cpp): a decoded token's matrix-vector products, as torch ops.
+"""chat's native CPU kernels (kernels.cpp): the ops of one decoded token's layer, as torch ops.
 
 torch.ops.chat.matvec (w @ x, optionally of x's RMSNorm), silu_mul_matvec (a gated MLP's first half),
 add_matvec (r + w @ x) and cache_attend (RoPE, the cache write and attention for one token): kernels.cpp
-says what each does. CPU artifacts exported where the kernels are built call them at decode; their manifest lists
-"chat" in "ops".
+says what each does. CPU artifacts exported where the kernels are built call them at decode; their
+manifest lists "chat" in "ops".
 
 The kernels are compiled once per machine, torch version and source (about 10 s of g++ against torch's
 headers): by `make`, by `python -m chat.native`, or by export when missing. The library is looked for in
