@@ -323,7 +323,6 @@ CHAT_AVX512 inline __m512 load16(const at::BFloat16* p) {
 }
 
 constexpr int64_t kMaxGroups = 16;    // query heads per kv head
-constexpr int64_t kMaxHeadDim = 256;  // a multiple of 16
 constexpr int64_t kChunk = 64;        // cached positions per work item
 constexpr int64_t kPrefetchRows = 8;  // keys asked for this many rows ahead
 
