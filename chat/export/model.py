@@ -83,7 +83,7 @@ def linear(
         y = torch.matmul(x, w)
         return y if b is None else y + b
     if native and x.dim() == 1:
-        y = torch.ops.chat.matvec(w, x, *norm) if norm else torch.ops.chat.matvec(w, x)
+        y = torch.ops.chat.matvec(w, x, *(norm or ()))
         return y if b is None else y + b
     if x.dim() == 1:
         return torch.mv(w, x) if b is None else torch.addmv(b, w, x)
@@ -99,7 +99,7 @@ class Layer(nn.Module):
         self.fewest_ops = fewest_ops
         self.native = native
         self.fold_norms = fewest_ops and shape.norm == "rms"
-        self.eps_root = (shape.hidden_size * shape.norm_eps) ** 0.5  # _unit_norm's eps term, for native kernels
+        self.eps_root = eps_term(shape)  # for the native kernels
         if self.fold_norms:
             # The norm weight and sqrt(hidden) (see _unit_norm) scale the matmul's inputs: into the weight's columns.
             root = shape.hidden_size**0.5
@@ -134,11 +134,7 @@ class Layer(nn.Module):
         x = self._add_linear(x, out, self.wo, self.bo, "wo")
         h, norm = self._norm_for(x, self.ln2, self.ln2_b)
         if s.activation == "silu" and self.native and one and self.bup is None:
-            h = (
-                torch.ops.chat.silu_mul_matvec(self.wup, h, *norm)
-                if norm
-                else torch.ops.chat.silu_mul_matvec(self.wup, h)
-            )
+            h = torch.ops.chat.silu_mul_matvec(self.wup, h, *(norm or ()))
         elif s.activation == "silu":
             gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native, norm).chunk(2, dim=-1)
             # On CPU in place (gate is a fresh matmul output): no new (tokens, intermediate) tensors, 11-13% off a
@@ -277,8 +273,7 @@ class LeanLM(nn.Module):
         x = x if one else x[-1]
         head = self.embed if self.lm_head is None else self.lm_head
         if self.native and self.shape.norm == "rms":  # the kernel applies the final norm
-            eps_root = (self.shape.hidden_size * self.shape.norm_eps) ** 0.5
-            return linear(x, head, None, self.head_transposed, True, (eps_root, self.norm_w))
+            return linear(x, head, None, self.head_transposed, True, (eps_term(self.shape), self.norm_w))
         x = _norm(self.shape, x, self.norm_w, self.norm_b, self.for_cuda, self.norm_eps)
         return linear(x, head, None, self.head_transposed, self.native)
 
@@ -327,11 +322,16 @@ def _norm(
     return weight * (_unit_norm(x.float(), eps_root) * root).to(x.dtype)
 
 
+def eps_term(shape: Shape) -> float:
+    """RMSNorm's eps as _unit_norm takes it: sqrt(hidden * eps)."""
+    return (shape.hidden_size * shape.norm_eps) ** 0.5
+
+
 def _eps_root(shape: Shape, for_cuda: bool, device: torch.device) -> torch.Tensor | None:
-    """_unit_norm's eps term, sqrt(hidden * eps), as a float32 tensor for torch.hypot; None where unused."""
+    """eps_term as a float32 tensor for torch.hypot; None where unused."""
     if shape.norm != "rms" or for_cuda:
         return None
-    return torch.tensor((shape.hidden_size * shape.norm_eps) ** 0.5, dtype=torch.float32, device=device)
+    return torch.tensor(eps_term(shape), dtype=torch.float32, device=device)
 
 
 def _unit_norm(x: torch.Tensor, eps_root: torch.Tensor) -> torch.Tensor:
