@@ -170,8 +170,9 @@ def export(
 
 def _native_kernels(progress: Progress) -> bool:
     """Whether CPU decode can run on chat's native kernels, building them first if need be (once)."""
-    if native.supported():
-        progress(f"decode on torch's kernels: {native.supported()}")
+    reason = native.supported()
+    if reason:
+        progress(f"decode on torch's kernels: {reason}")
         return False
     if native.find_library() is None:
         progress("building chat's native CPU kernels (once, about 10 s)")

@@ -161,14 +161,18 @@ void dot_rows(const at::Tensor& w, const at::Tensor& x, const Store& store) {
   });
 }
 
+// sqrt(sum(x^2) + eps_root^2), summed in double: the divisor of both RMSNorm forms below.
+template <typename T>
+double norm_hypot(const T* x, int64_t k, double eps_root) {
+  double sum = eps_root * eps_root;
+  for (int64_t i = 0; i < k; ++i) sum += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  return std::sqrt(sum);
+}
+
 // RMSNorm's scale, 1 / sqrt(sum(x^2) + eps_root^2), for a weight that holds the norm's weight and sqrt(hidden)
 // (the float32 export folds them in: chat/export/model.py, fold_norms): w @ norm(x) = scale * (w @ x).
 float unit_norm_scale(const at::Tensor& x, std::optional<double> eps_root) {
-  if (!eps_root) return 1.0f;
-  const float* p = x.data_ptr<float>();
-  double sum = *eps_root * *eps_root;
-  for (int64_t i = 0; i < x.numel(); ++i) sum += static_cast<double>(p[i]) * p[i];
-  return static_cast<float>(1.0 / std::sqrt(sum));
+  return eps_root ? static_cast<float>(1.0 / norm_hypot(x.data_ptr<float>(), x.numel(), *eps_root)) : 1.0f;
 }
 
 at::Tensor unit_norm_fallback(const at::Tensor& x, std::optional<double> eps_root) {
@@ -180,9 +184,7 @@ at::Tensor unit_norm_fallback(const at::Tensor& x, std::optional<double> eps_roo
 // weight * (x / hypot(|x|, eps_root) * sqrt(k)), the inner part in float32.
 template <typename T>
 void rms_norm_into(const T* x, const T* weight, int64_t k, double eps_root, T* out) {
-  double sum = eps_root * eps_root;
-  for (int64_t i = 0; i < k; ++i) sum += static_cast<double>(x[i]) * static_cast<double>(x[i]);
-  const float hypot = static_cast<float>(std::sqrt(sum)), root = std::sqrt(static_cast<float>(k));
+  const float hypot = static_cast<float>(norm_hypot(x, k, eps_root)), root = std::sqrt(static_cast<float>(k));
   for (int64_t i = 0; i < k; ++i) {
     const T normed = static_cast<T>(static_cast<float>(x[i]) / hypot * root);
     out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
@@ -194,8 +196,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, double eps_root, const at::Tensor& w
   const auto dtype = x.scalar_type();
   if (x.dim() != 1 || weight.sizes() != x.sizes() || weight.scalar_type() != dtype ||
       (dtype != at::kFloat && dtype != at::kBFloat16)) {
-    const at::Tensor xf = x.to(at::kFloat);
-    const at::Tensor unit = xf / at::hypot(at::linalg_vector_norm(xf), at::scalar_tensor(eps_root, xf.options()));
+    const at::Tensor unit = unit_norm_fallback(x.to(at::kFloat), eps_root);
     return weight * (unit * std::sqrt(static_cast<double>(x.size(-1)))).to(dtype);
   }
   at::Tensor out = at::empty_like(x);
