@@ -277,3 +277,17 @@ def test_status_says_the_native_kernels_run_the_model(llama_artifact, ops):
     info = TorchScriptBackend(llama_artifact).info
     assert info.kernels == "native" and info.notes == []
     assert describe_device(info).startswith("cpu, float32, native kernels, ")
+
+
+def test_build_command_bad_input_is_one_line(tmp_path):
+    """An unwritable --into and an unknown option: one line each, exit 1 and 2, no traceback."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    for argv, code, words in (
+        ([f"--into={blocked / 'lib'}"], 1, "cannot write in"),
+        (["--bogus"], 2, "only the options --help lists"),
+    ):
+        done = subprocess.run([sys.executable, "-m", "chat.native", *argv], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == code, done.stderr
+        assert words in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) <= 2  # the "building" line, then the error

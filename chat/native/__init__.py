@@ -95,7 +95,10 @@ def build(directory: Path | None = None) -> Path:
         fd, partial = tempfile.mkstemp(prefix=".chat_native-", suffix=".so", dir=directory)
         os.close(fd)
     except OSError as why:
-        raise NativeBuildError(f"cannot write in {directory} ({why.strerror or why}); set CHAT_NATIVE_DIR") from None
+        raise NativeBuildError(
+            f"cannot write in {directory} ({why.strerror or why}); name a writable directory "
+            "(CHAT_NATIVE_DIR, or --into for python -m chat.native)"
+        ) from None
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     command = [
         compiler,

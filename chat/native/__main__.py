@@ -9,7 +9,7 @@ Options:
   --force     build even if the library is there
 
 Exit 0 with the library's path, or where the kernels do not build (another OS or architecture: chat's
-ops then run on torch's own kernels); 1 when the build fails.
+ops then run on torch's own kernels); 1 when the build fails; 2 for an unknown option.
 """
 
 from __future__ import annotations
@@ -17,14 +17,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from docopt import docopt
+from docopt import DocoptExit, docopt
 
 from chat import native
 from chat.errors import ChatError
 
 
 def main() -> int:
-    args = docopt(__doc__)
+    try:
+        args = docopt(__doc__)
+    except DocoptExit:
+        print("chat.native: only the options --help lists: --into=DIR, --force", file=sys.stderr)
+        return 2
     reason = native.buildable()
     if reason:
         print(f"chat.native: not built: {reason}; torch's own kernels will run chat's ops")
