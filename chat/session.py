@@ -15,7 +15,14 @@ from chat.conversation import Conversation
 from chat.errors import ChatError
 from chat.params import GenerationParams
 from chat.prompt import build_prompt, encode
-from chat.terminal import Style, is_interactive, piped_messages, quiet_typing, read_message, setup_readline
+from chat.terminal import (
+    Style,
+    is_interactive,
+    keys_kept_between_prompts,
+    piped_messages,
+    read_message,
+    setup_readline,
+)
 
 if TYPE_CHECKING:
     from chat.backends.base import Backend
@@ -133,10 +140,9 @@ class Session:
         if interactive:
             print(self.style.model(f"{self.label}:") + " ", end="", file=self.out, flush=True)
         try:
-            with quiet_typing(sys.stdin) if interactive else contextlib.nullcontext():
-                for piece in stream:
-                    if self.options.stream:
-                        print(piece, end="", file=self.out, flush=True)
+            for piece in stream:
+                if self.options.stream:
+                    print(piece, end="", file=self.out, flush=True)
         except KeyboardInterrupt:
             stream.finish = "interrupted"
         except ChatError as why:  # said in words the user can act on, e.g. a full context or NaN scores
@@ -225,9 +231,19 @@ def run(options: Options) -> int:
 
 
 def interactive(options: Options, load: SessionLoad) -> int:
+    save_history = setup_readline()
+    try:
+        with keys_kept_between_prompts(sys.stdin, sys.stdout) as read:
+            converse(options, load, read)
+    finally:
+        save_history()
+    return 0
+
+
+def converse(options: Options, load: SessionLoad, read: Callable[[str], str]) -> None:
+    """The prompt loop, until !exit or Ctrl+D; read is what reads a line at the prompt."""
     from chat.commands import command_name, help_text
 
-    save_history = setup_readline()
     style = Style(sys.stdout)
 
     def notice(text: str) -> None:  # as Session.notice, also before there is a session
@@ -246,36 +262,32 @@ def interactive(options: Options, load: SessionLoad) -> int:
     print(style.note(intro + '!help for commands, """ for multi-line, Ctrl+D to quit'), flush=True)
     prompt = style.user(f"{options.user}:") + " "
     more = style.user("...") + " "
-    try:
-        while session is None or session.running:
+    while session is None or session.running:
+        try:
+            text = read_message(prompt, more, read)
+        except KeyboardInterrupt:
+            print()
+            notice("(Ctrl+D or !exit to quit)")
+            continue
+        except EOFError:
+            print()
+            break
+        if session is None:  # the model is still loading: only !help and !exit go without it
+            command = command_name(text) if text.lstrip().startswith("!") else None
+            if not text.strip():
+                continue
+            if command == "help":
+                print(help_text(), flush=True)
+                continue
+            if command == "exit":
+                break
             try:
-                text = read_message(prompt, more)
+                session = _ready(load, notice)
             except KeyboardInterrupt:
                 print()
-                notice("(Ctrl+D or !exit to quit)")
+                notice("(not sent: the model is still loading; Up brings the message back)")
                 continue
-            except EOFError:
-                print()
-                break
-            if session is None:  # the model is still loading: only !help and !exit go without it
-                command = command_name(text) if text.lstrip().startswith("!") else None
-                if not text.strip():
-                    continue
-                if command == "help":
-                    print(help_text(), flush=True)
-                    continue
-                if command == "exit":
-                    break
-                try:
-                    session = _ready(load, notice)
-                except KeyboardInterrupt:
-                    print()
-                    notice("(not sent: the model is still loading; Up brings the message back)")
-                    continue
-            session.handle(text)
-    finally:
-        save_history()
-    return 0
+        session.handle(text)
 
 
 def _ready(load: SessionLoad, notice: Callable[[str], None]) -> Session:

@@ -114,23 +114,47 @@ def piped_messages(stream: TextIO) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def quiet_typing(stream: TextIO) -> Iterator[None]:
-    """While a reply streams, keys typed ahead are not echoed into it; readline shows them at the next prompt."""
+def keys_kept_between_prompts(keyboard: TextIO, screen: TextIO) -> Iterator[Callable[[str], str]]:
+    """The terminal for a chat at a prompt; yields the function that reads a line at the prompt.
+
+    Between prompts (a reply streaming, a command running, the model loading) the terminal neither echoes
+    keys nor gathers them into lines: they wait as typed, and readline takes them at the next prompt. In the
+    terminal's own line mode a Ctrl+D typed then would be dropped, and typing would be echoed into the reply.
+    Ctrl+C still interrupts (signals stay on).
+    """
     try:
+        import readline
         import termios
 
-        fd = stream.fileno()
+        fd = keyboard.fileno()
         saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError):  # not a terminal, or no termios (Windows)
-        yield
+    except (ImportError, OSError, ValueError):  # not a terminal, no termios (Windows) or no readline
+        yield input
         return
-    quiet = list(saved)
-    quiet[3] &= ~termios.ECHO
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    # input() edits with readline only when both ends are a terminal; libedit's raw mode expects line mode
+    if not screen.isatty() or "libedit" in (readline.__doc__ or ""):
+        yield input
+        return
+    at_prompt = list(saved)
+    at_prompt[3] &= ~termios.ICANON  # ECHO stays: readline looks at it to decide whether to show the typing
+    at_prompt[6] = list(saved[6])
+    at_prompt[6][termios.VMIN], at_prompt[6][termios.VTIME] = 1, 0
+    busy = list(at_prompt)
+    busy[3] &= ~termios.ECHO
+
+    def read(prompt: str) -> str:
+        termios.tcsetattr(fd, termios.TCSANOW, at_prompt)
+        try:
+            return input(prompt)
+        finally:
+            termios.tcsetattr(fd, termios.TCSANOW, busy)
+
+    termios.tcsetattr(fd, termios.TCSANOW, busy)
     try:
-        yield
+        yield read
     finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
+        with contextlib.suppress(termios.error):  # the terminal may be gone (a hang-up)
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def is_interactive() -> bool:

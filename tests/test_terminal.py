@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -14,13 +15,17 @@ import pytest
 PROMPT = "User: "
 
 
-def spawn(model, *args: str, tmp_path, color: bool = False) -> pexpect.spawn:
+def spawn(model, *args: str, tmp_path, color: bool = False, then: str | None = None) -> pexpect.spawn:
+    """`chat model args` in a pseudo-terminal, at its first prompt; `then`: a shell command run after it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm"}
     if not color:
         env["NO_COLOR"] = "1"
+    command, argv = sys.executable, ["-m", "chat", str(model), *args]
+    if then is not None:
+        command, argv = "/bin/sh", ["-c", " ".join(shlex.quote(a) for a in [command, *argv]) + f"; {then}"]
     child = pexpect.spawn(
-        sys.executable,
-        ["-m", "chat", str(model), *args],
+        command,
+        argv,
         env=env,
         encoding="utf-8",
         timeout=120,
@@ -100,6 +105,29 @@ def test_ctrl_c_at_prompt_explains_and_colour_on_terminal(tiny_llama, tmp_path):
     child.sendline("!nope")
     child.expect_exact("\x1b[31merror: unknown command !nope")
     quit_with_eof(child)
+
+
+def test_keys_typed_during_a_reply_wait_for_the_prompt(tiny_llama, tmp_path):
+    """Typed while a reply streams: not echoed into it, and not lost; a Ctrl+D among them ends the chat at
+    the next prompt (the terminal's own line mode would drop it), and the terminal is left as it was."""
+    long_reply = ("--max-new-tokens", "200", "--min-new-tokens", "200")
+    child = spawn(tiny_llama, *long_reply, tmp_path=tmp_path, then="stty -a")
+    child.sendline("Hello")
+    child.expect_exact("tiny-llama0: ")
+    child.send("!status\r")
+    child.expect_exact("(stopped at 200 tokens")
+    assert "!status" not in child.before  # not echoed into the reply
+    child.expect_exact(PROMPT)
+    child.expect_exact("last reply")  # the typed-ahead command ran at the prompt
+    child.expect_exact(PROMPT)
+    child.sendline("Hello again")
+    child.expect_exact("tiny-llama0: ")
+    child.sendeof()
+    child.expect_exact("(stopped at 200 tokens")
+    child.expect(r"\bspeed ")  # stty -a ran: chat has exited, without a second Ctrl+D
+    child.expect(pexpect.EOF)
+    settings = child.before.split()
+    assert "icanon" in settings and "echo" in settings and "isig" in settings
 
 
 @pytest.mark.demo
