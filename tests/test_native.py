@@ -28,45 +28,64 @@ def ops():
     return torch.ops.chat
 
 
+@pytest.fixture(params=["widest", "avx2", "torch"])
+def kernels(request, ops, monkeypatch):
+    """torch.ops.chat on each form of the kernels: the widest this CPU runs (AVX-512 here), AVX2, and torch's
+    own kernels behind the same ops (CPUs with neither). $CHAT_NATIVE_ISA caps the form, read at each call."""
+    if request.param != "widest":
+        monkeypatch.setenv("CHAT_NATIVE_ISA", request.param)
+    return ops
+
+
+def assert_sums_close(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor, r: torch.Tensor | None = None) -> None:
+    """float32 w @ x (+ r) against the exact sums: summed in any order, each is within 2^-20 of the sum of its
+    terms' sizes (a term lost or counted twice is not)."""
+    exact, size = w.double() @ x.double(), w.double().abs() @ x.double().abs()
+    if r is not None:
+        exact, size = exact + r.double(), size + r.double().abs()
+    assert got.dtype == torch.float32
+    assert ((got.double() - exact).abs() <= size * 2**-20).all()
+
+
 # Shapes with and without tails: rows not a multiple of the 4-row blocks, columns not a multiple of a vector.
 SHAPES = [(3072, 576), (576, 1536), (7, 50), (13, 33), (1, 16), (5, 1)]
 
 
 @pytest.mark.parametrize(("rows", "cols"), SHAPES)
-def test_matvec_float32_matches_torch(ops, rows, cols):
+def test_matvec_float32_sums_within_rounding(kernels, rows, cols):
     torch.manual_seed(rows * cols)
     w, x, r = torch.randn(rows, cols), torch.randn(cols), torch.randn(rows)
-    torch.testing.assert_close(ops.matvec(w, x), torch.mv(w, x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ops.add_matvec(r, w, x), torch.addmv(r, w, x), rtol=1e-5, atol=1e-5)
+    assert_sums_close(kernels.matvec(w, x), w, x)
+    assert_sums_close(kernels.add_matvec(r, w, x), w, x, r)
 
 
 @pytest.mark.parametrize(("rows", "cols"), SHAPES)
-def test_matvec_bfloat16_rounds_as_torch(ops, rows, cols):
+def test_matvec_bfloat16_rounds_as_torch(kernels, rows, cols):
     """float32 sums rounded once to bfloat16 (as torch.mv's), and for add_matvec the product rounded before
     the add, as transformers' residual add of a layer's output: equal but for sums that land near a tie."""
     torch.manual_seed(rows + cols)
     w, x, r = (torch.randn(rows, cols).bfloat16(), torch.randn(cols).bfloat16(), torch.randn(rows).bfloat16())
     exact = (w.double() @ x.double()).bfloat16()
-    got, expected = ops.matvec(w, x), torch.mv(w, x)
+    got, expected = kernels.matvec(w, x), torch.mv(w, x)
     assert got.dtype == torch.bfloat16
     assert (got != expected).float().mean() < 0.01
     assert (got.double() - exact.double()).abs().max() <= (exact.double().abs().max() * 2**-7) + 1e-6
-    summed = ops.add_matvec(r, w, x)
+    summed = kernels.add_matvec(r, w, x)
     assert (summed != r + got).sum() == 0
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(3072, 576), (10, 33)])
-def test_matvec_applies_the_rms_norm_when_given_its_eps_term(ops, rows, cols):
+def test_matvec_applies_the_rms_norm_when_given_its_eps_term(kernels, rows, cols):
     """float32 decode with folded norm weights: w @ (x / sqrt(sum(x^2) + eps_root^2)) in one op."""
     torch.manual_seed(cols)
     w, x, eps_root = torch.randn(rows, cols), torch.randn(cols) * 4, 0.3
     normed = x / torch.hypot(torch.linalg.vector_norm(x), torch.tensor(eps_root))
-    torch.testing.assert_close(ops.matvec(w, x, eps_root), torch.mv(w, normed), rtol=1e-4, atol=5e-5)
-    torch.testing.assert_close(ops.matvec(w, x, None), torch.mv(w, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(kernels.matvec(w, x, eps_root), torch.mv(w, normed), rtol=1e-4, atol=5e-5)
+    torch.testing.assert_close(kernels.matvec(w, x, None), torch.mv(w, x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matvec_applies_a_weighted_rms_norm_as_the_module_does(ops, dtype):
+def test_matvec_applies_a_weighted_rms_norm_as_the_module_does(kernels, dtype):
     """With the norm's weight (the bfloat16 path): weight * (x / hypot(|x|, eps_root) * sqrt(k)), each step
     rounded to the dtype, as chat/export/model.py's _norm computes it in torch's ops."""
     torch.manual_seed(3)
@@ -75,26 +94,26 @@ def test_matvec_applies_a_weighted_rms_norm_as_the_module_does(ops, dtype):
     unit = x.float() / torch.hypot(torch.linalg.vector_norm(x.float()), torch.tensor(eps_root))
     normed = weight * (unit * 8.0).to(dtype)
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    torch.testing.assert_close(ops.matvec(w, x, eps_root, weight), torch.mv(w, normed), **tolerance)
+    torch.testing.assert_close(kernels.matvec(w, x, eps_root, weight), torch.mv(w, normed), **tolerance)
     gate, up = torch.mv(w, normed).chunk(2)
-    torch.testing.assert_close(ops.silu_mul_matvec(w, x, eps_root, weight), F.silu(gate) * up, **tolerance)
+    torch.testing.assert_close(kernels.silu_mul_matvec(w, x, eps_root, weight), F.silu(gate) * up, **tolerance)
 
 
 @pytest.mark.parametrize(("rows", "cols"), [(3072, 576), (14, 33)])
-def test_silu_mul_matvec_is_a_gated_mlps_first_half(ops, rows, cols):
+def test_silu_mul_matvec_is_a_gated_mlps_first_half(kernels, rows, cols):
     torch.manual_seed(rows)
     w, x = torch.randn(rows, cols) / 8, torch.randn(cols)
     gate, up = torch.mv(w, x).chunk(2)
-    torch.testing.assert_close(ops.silu_mul_matvec(w, x), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.silu_mul_matvec(w, x), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
     normed = x / torch.hypot(torch.linalg.vector_norm(x), torch.tensor(0.5))
     gate, up = torch.mv(w, normed).chunk(2)
-    torch.testing.assert_close(ops.silu_mul_matvec(w, x, 0.5), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.silu_mul_matvec(w, x, 0.5), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
     wb, xb = w.bfloat16(), x.bfloat16()
     gate, up = torch.mv(wb, xb).chunk(2)
-    got = ops.silu_mul_matvec(wb, xb)
+    got = kernels.silu_mul_matvec(wb, xb)
     assert got.dtype == torch.bfloat16 and (got != F.silu(gate) * up).float().mean() < 0.01
     with pytest.raises(RuntimeError, match="even number of rows"):
-        ops.silu_mul_matvec(torch.randn(3, 16), torch.randn(16))
+        kernels.silu_mul_matvec(torch.randn(3, 16), torch.randn(16))
 
 
 def test_matvec_on_strided_input_and_other_dtypes_uses_torchs_kernels(ops):
@@ -130,7 +149,7 @@ def reference_cache_attend(qkv, cos, sin, k_cache, v_cache, pos, n):
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "rotary"), [(9, 3, 64, 64), (2, 2, 16, 16), (4, 1, 128, 64), (14, 2, 32, 0)]
 )
-def test_cache_attend_float32(ops, pos, heads, kv_heads, head_dim, rotary):
+def test_cache_attend_float32(kernels, pos, heads, kv_heads, head_dim, rotary):
     """RoPE (whole or partial, or none), the cache write and attention over positions 0..pos, across the
     64-position work items' edges."""
     torch.manual_seed(pos + heads)
@@ -141,7 +160,7 @@ def test_cache_attend_float32(ops, pos, heads, kv_heads, head_dim, rotary):
     k_cache, v_cache = torch.randn(2, 1, kv_heads, 1024, head_dim).unbind(0)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     positions, window = torch.tensor([pos]), torch.arange(pos + 1)
-    got = ops.cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window)
+    got = kernels.cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window)
     expected = reference_cache_attend(qkv, cos, sin, k_ref, v_ref, pos, pos + 1)
     torch.testing.assert_close(k_cache, k_ref)
     torch.testing.assert_close(v_cache, v_ref)
@@ -149,7 +168,7 @@ def test_cache_attend_float32(ops, pos, heads, kv_heads, head_dim, rotary):
 
 
 @pytest.mark.parametrize("pos", [4, 64, 300])
-def test_cache_attend_bfloat16_within_rounding(ops, pos):
+def test_cache_attend_bfloat16_within_rounding(kernels, pos):
     torch.manual_seed(pos)
     qkv = torch.randn(15 * 64).bfloat16()
     angles = torch.rand(32) * 6
@@ -157,7 +176,7 @@ def test_cache_attend_bfloat16_within_rounding(ops, pos):
     sin = torch.cat([-angles.sin(), angles.sin()]).bfloat16()
     k_cache, v_cache = torch.randn(2, 1, 3, 512, 64).bfloat16().unbind(0)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    got = ops.cache_attend(qkv, cos, sin, k_cache, v_cache, torch.tensor([pos]), torch.arange(pos + 1))
+    got = kernels.cache_attend(qkv, cos, sin, k_cache, v_cache, torch.tensor([pos]), torch.arange(pos + 1))
     expected = reference_cache_attend(qkv, cos, sin, k_ref, v_ref, pos, pos + 1)
     assert got.dtype == torch.bfloat16
     assert (got.double() - expected).abs().max() < 2**-6

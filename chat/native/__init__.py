@@ -9,7 +9,8 @@ The kernels are compiled once per machine, torch version and source (about 10 s 
 headers): by `make`, by `python -m chat.native`, or by export when missing. The library is looked for in
 `lib/` beside this file (where the Docker image and the bundle put it), then in the user cache
 ($CHAT_NATIVE_DIR, else $XDG_CACHE_HOME/chat/native or ~/.cache/chat/native). Where it is missing (no
-compiler, say), the same ops run on torch's own kernels, registered here: slower, same results.
+compiler, say), the same ops run on torch's own kernels, registered here: slower, same results. The library
+picks its AVX-512 or AVX2 code by the CPU when it runs ($CHAT_NATIVE_ISA=avx2 or =torch caps it).
 """
 
 from __future__ import annotations
@@ -62,14 +63,14 @@ def buildable() -> str | None:
 
 
 def supported() -> str | None:
-    """None where the kernels are faster than torch's: buildable, on a CPU with AVX-512; else why not."""
+    """None where the kernels are faster than torch's: buildable, on a CPU with AVX2 or AVX-512; else why not."""
     if buildable():
         return buildable()
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         flags = []
-    return None if "avx512f" in flags else "this CPU has no AVX-512"
+    return None if "avx512f" in flags or {"avx2", "fma"} <= set(flags) else "this CPU has neither AVX2 nor AVX-512"
 
 
 def find_library() -> Path | None:

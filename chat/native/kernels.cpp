@@ -4,7 +4,9 @@
 // for these run below the memory's pace on AVX-512 machines: in bfloat16 at about 15 GB/s, where these
 // reach 22 (vdpbf16ps multiplies pairs of bfloat16 into float32 sums), and in float32 at about 24, where
 // these reach 26-28. Each thread takes blocks of four rows, keeps their four sums in registers and reads x
-// once per block. CPUs without AVX-512 (or without its bfloat16 part) get torch's own kernels.
+// once per block. Each kernel comes in AVX-512 and AVX2 forms, picked by the CPU at run time (bfloat16 takes
+// the AVX2 form on AVX-512 CPUs without its bfloat16 part); CPUs with neither get torch's own kernels.
+// $CHAT_NATIVE_ISA=avx2 (or torch) caps the choice, to test or compare the narrower forms on a wider CPU.
 //
 // Ops (schemas at the end), for w (n, k) and x (k,) of one dtype, float32 or bfloat16:
 //   chat::matvec(w, x, unit_norm, norm_weight) = w @ x, or w @ rmsnorm(x) when unit_norm (the norm's eps term)
@@ -19,7 +21,10 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 #include <immintrin.h>
@@ -33,6 +38,28 @@ constexpr int64_t kGrain = 16;
 
 #define CHAT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define CHAT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define CHAT_AVX2 __attribute__((target("avx2,fma")))
+
+enum class Isa { kTorch, kAvx2, kAvx512 };
+
+// The widest instruction set of this CPU that the kernels have a form for.
+Isa cpu_isa() {
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq")) {
+    return Isa::kAvx512;
+  }
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kTorch;
+}
+
+// The widest the kernels may use: the CPU's, capped by $CHAT_NATIVE_ISA (read at each op, so that a test can
+// switch it; a fraction of a microsecond against an op's tens).
+Isa isa() {
+  static const Isa cpu = cpu_isa();
+  const char* cap = std::getenv("CHAT_NATIVE_ISA");
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) return std::min(cpu, Isa::kAvx2);
+  if (cap != nullptr && std::strcmp(cap, "torch") == 0) return Isa::kTorch;
+  return cpu;
+}
 
 CHAT_AVX512_BF16 inline __m512bh load(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 CHAT_AVX512_BF16 inline __m512bh load_tail(__mmask32 mask, const at::BFloat16* p) {
@@ -127,33 +154,99 @@ __attribute__((target("avx512f"))) void dot_rows_f32(
   }
 }
 
-// The AVX-512 parts the kernels' target attributes let the compiler use.
-bool has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return has;
+// --- AVX2: 8 float32 lanes, bfloat16 widened to float32 (exact), no masked 16-bit loads ---
+
+CHAT_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+CHAT_AVX2 inline __m256 load8(const at::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+// The first `count` (< 8) values at p, zeros after.
+template <typename T>
+CHAT_AVX2 inline __m256 load8_tail(const T* p, int64_t count) {
+  T lanes[8] = {};
+  std::memcpy(lanes, p, count * sizeof(T));
+  return load8(lanes);
+}
+// All ones in lanes below `count`.
+CHAT_AVX2 inline __m256 lanes_below(int64_t count) {
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))), index));
+}
+CHAT_AVX2 inline float reduce_add8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+CHAT_AVX2 inline float reduce_max8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-bool fast_path(const at::Tensor& w, const at::Tensor& x) {
-  const bool avx512 = has_avx512();
-  static const bool avx512_bf16 = has_avx512() && __builtin_cpu_supports("avx512bf16");
+// dot_rows_f32 and dot_rows_bf16 in AVX2, for either dtype.
+template <typename T, typename Store>
+CHAT_AVX2 void dot_rows_avx2(const T* w, const T* x, int64_t first, int64_t last, int64_t k, const Store& store) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // values per cache line: one prefetch each
+  const int64_t tail = k % 8, body = k - tail;
+  int64_t r = first;
+  for (; r + kRows <= last; r += kRows) {
+    const T* row = w + r * k;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t c = 0; c < body; c += 8) {
+      if (c % kLine == 0) prefetch_next_block(row, k, c);
+      const __m256 xv = load8(x + c);
+      s0 = _mm256_fmadd_ps(load8(row + c), xv, s0);
+      s1 = _mm256_fmadd_ps(load8(row + k + c), xv, s1);
+      s2 = _mm256_fmadd_ps(load8(row + 2 * k + c), xv, s2);
+      s3 = _mm256_fmadd_ps(load8(row + 3 * k + c), xv, s3);
+    }
+    if (tail) {
+      const __m256 xv = load8_tail(x + body, tail);
+      s0 = _mm256_fmadd_ps(load8_tail(row + body, tail), xv, s0);
+      s1 = _mm256_fmadd_ps(load8_tail(row + k + body, tail), xv, s1);
+      s2 = _mm256_fmadd_ps(load8_tail(row + 2 * k + body, tail), xv, s2);
+      s3 = _mm256_fmadd_ps(load8_tail(row + 3 * k + body, tail), xv, s3);
+    }
+    store(r, reduce_add8(s0));
+    store(r + 1, reduce_add8(s1));
+    store(r + 2, reduce_add8(s2));
+    store(r + 3, reduce_add8(s3));
+  }
+  for (; r < last; ++r) {
+    const T* row = w + r * k;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t c = 0; c < body; c += 8) s = _mm256_fmadd_ps(load8(row + c), load8(x + c), s);
+    if (tail) s = _mm256_fmadd_ps(load8_tail(row + body, tail), load8_tail(x + body, tail), s);
+    store(r, reduce_add8(s));
+  }
+}
+
+// The kernels' form for w @ x (kTorch: torch's own kernels, for shapes, dtypes and CPUs they do not take).
+Isa matvec_form(const at::Tensor& w, const at::Tensor& x) {
+  static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
   if (!w.device().is_cpu() || w.dim() != 2 || x.dim() != 1 || w.scalar_type() != x.scalar_type() ||
       w.size(1) != x.size(0) || w.size(1) == 0) {
-    return false;
+    return Isa::kTorch;
   }
-  if (w.scalar_type() == at::kFloat) return avx512;
-  return w.scalar_type() == at::kBFloat16 && avx512_bf16;
+  const Isa widest = isa();
+  if (w.scalar_type() == at::kFloat) return widest;
+  if (w.scalar_type() != at::kBFloat16) return Isa::kTorch;
+  return widest == Isa::kAvx512 && !has_bf16 ? Isa::kAvx2 : widest;
 }
 
 // w @ x split between torch's threads in blocks of kRows rows; store(row, float32 sum) writes each result.
 template <typename T, typename Store>
-void dot_rows(const at::Tensor& w, const at::Tensor& x, const Store& store) {
+void dot_rows(Isa form, const at::Tensor& w, const at::Tensor& x, const Store& store) {
   const int64_t n = w.size(0), k = w.size(1);
   const T* wp = w.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
+  const bool wide = form == Isa::kAvx512;
   at::parallel_for(0, (n + kRows - 1) / kRows, kGrain, [&](int64_t begin, int64_t end) {
     const int64_t first = begin * kRows, last = std::min(n, end * kRows);
-    if constexpr (std::is_same_v<T, float>) {
+    if (!wide) {
+      dot_rows_avx2(wp, xp, first, last, k, store);
+    } else if constexpr (std::is_same_v<T, float>) {
       dot_rows_f32(wp, xp, first, last, k, store);
     } else {
       dot_rows_bf16(wp, xp, first, last, k, store);
@@ -212,7 +305,8 @@ at::Tensor rms_norm(const at::Tensor& x_in, double eps_root, const at::Tensor& w
 at::Tensor matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<double> unit_norm,
                   const std::optional<at::Tensor>& norm_weight) {
   if (unit_norm && norm_weight) return matvec(w_in, rms_norm(x_in, *unit_norm, *norm_weight), {}, {});
-  if (!fast_path(w_in, x_in) || (unit_norm && x_in.scalar_type() != at::kFloat)) {
+  const Isa form = matvec_form(w_in, x_in);
+  if (form == Isa::kTorch || (unit_norm && x_in.scalar_type() != at::kFloat)) {
     return at::mv(w_in, unit_norm_fallback(x_in, unit_norm));
   }
   const at::Tensor w = w_in.contiguous(), x = x_in.contiguous();
@@ -220,30 +314,43 @@ at::Tensor matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<
   if (w.scalar_type() == at::kFloat) {
     float* o = out.data_ptr<float>();
     const float scale = unit_norm_scale(x, unit_norm);
-    dot_rows<float>(w, x, [o, scale](int64_t i, float s) { o[i] = s * scale; });
+    dot_rows<float>(form, w, x, [o, scale](int64_t i, float s) { o[i] = s * scale; });
   } else {
     at::BFloat16* o = out.data_ptr<at::BFloat16>();
-    dot_rows<at::BFloat16>(w, x, [o](int64_t i, float s) { o[i] = at::BFloat16(s); });
+    dot_rows<at::BFloat16>(form, w, x, [o](int64_t i, float s) { o[i] = at::BFloat16(s); });
   }
   return out;
 }
 
-// exp(x): 2^n * e^r, r in [-ln2/2, ln2/2], Cephes' expf polynomial (relative error about 1e-7); 0 below -87,
-// inf above 88.
+// exp(x) = 2^n * e^r, r = x - n ln2 in [-ln2/2, ln2/2] (ln2 in two parts for precision), e^r by Cephes' expf
+// polynomial: relative error about 1e-7. Below -87 (about float32's smallest normal) x counts as -87.
+constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Low = -2.12194440e-4f;
+constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+// exp as above, inf above 88.7.
 CHAT_AVX512 inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // e^-87 is about float32's smallest normal
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x));
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
+}
+
+// exp_ps in AVX2: 2^n built in the exponent bits, so x is held to 88 (n <= 127) and inf set above 88.7.
+CHAT_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(88.7228f), _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Low), _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), x));
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), _mm256_set1_ps(INFINITY), overflow);
 }
 
 // Rounds float32 lanes to the nearest bfloat16 (ties to even), kept as float32: what torch's ops on bfloat16 store.
@@ -255,13 +362,38 @@ CHAT_AVX512 inline __m512 round_bf16(__m512 v) {
 }
 
 // out = silu(gate) * up over count lanes; with bfloat16 rounding, silu(gate) rounds before the product.
-CHAT_AVX512 void silu_products(const float* gate, const float* up, float* out, int64_t count, bool bf16) {
+CHAT_AVX512 void silu_products_avx512(const float* gate, const float* up, float* out, int64_t count, bool bf16) {
   for (int64_t i = 0; i < count; i += 16) {
     const __mmask16 mask = count - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (count - i)) - 1);
     const __m512 g = _mm512_maskz_loadu_ps(mask, gate + i);
     __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
     if (bf16) silu = round_bf16(silu);
     _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(mask, up + i)));
+  }
+}
+
+CHAT_AVX2 inline __m256 round_bf16_8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+CHAT_AVX2 void silu_products_avx2(const float* gate, const float* up, float* out, int64_t count, bool bf16) {
+  for (int64_t i = 0; i < count; i += 8) {
+    const __m256i mask = _mm256_castps_si256(lanes_below(count - i));
+    const __m256 g = _mm256_maskload_ps(gate + i, mask);
+    __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    if (bf16) silu = round_bf16_8(silu);
+    _mm256_maskstore_ps(out + i, mask, _mm256_mul_ps(silu, _mm256_maskload_ps(up + i, mask)));
+  }
+}
+
+void silu_products(Isa form, const float* gate, const float* up, float* out, int64_t count, bool bf16) {
+  if (form == Isa::kAvx512) {
+    silu_products_avx512(gate, up, out, count, bf16);
+  } else {
+    silu_products_avx2(gate, up, out, count, bf16);
   }
 }
 
@@ -273,7 +405,8 @@ at::Tensor silu_mul_matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::
   TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) % 2 == 0, "chat::silu_mul_matvec: w needs an even number of rows");
   if (unit_norm && norm_weight) return silu_mul_matvec(w_in, rms_norm(x_in, *unit_norm, *norm_weight), {}, {});
   const int64_t half = w_in.size(0) / 2;
-  if (!fast_path(w_in, x_in) || (unit_norm && x_in.scalar_type() != at::kFloat)) {
+  const Isa form = matvec_form(w_in, x_in);
+  if (form == Isa::kTorch || (unit_norm && x_in.scalar_type() != at::kFloat)) {
     const auto gate_up = at::mv(w_in, unit_norm_fallback(x_in, unit_norm)).chunk(2);
     return at::silu(gate_up[0]) * gate_up[1];
   }
@@ -283,11 +416,11 @@ at::Tensor silu_mul_matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::
   const float scale = w.scalar_type() == at::kFloat ? unit_norm_scale(x, unit_norm) : 1.0f;
   at::Tensor out = at::empty({half}, w.options());
   if (w.scalar_type() == at::kFloat) {
-    dot_rows<float>(w, x, [sp, scale](int64_t i, float s) { sp[i] = s * scale; });
-    silu_products(sp, sp + half, out.data_ptr<float>(), half, false);
+    dot_rows<float>(form, w, x, [sp, scale](int64_t i, float s) { sp[i] = s * scale; });
+    silu_products(form, sp, sp + half, out.data_ptr<float>(), half, false);
   } else {
-    dot_rows<at::BFloat16>(w, x, [sp](int64_t i, float s) { sp[i] = static_cast<float>(at::BFloat16(s)); });
-    silu_products(sp, sp + half, sp, half, true);
+    dot_rows<at::BFloat16>(form, w, x, [sp](int64_t i, float s) { sp[i] = static_cast<float>(at::BFloat16(s)); });
+    silu_products(form, sp, sp + half, sp, half, true);
     at::BFloat16* o = out.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < half; ++i) o[i] = at::BFloat16(sp[i]);
   }
@@ -295,7 +428,8 @@ at::Tensor silu_mul_matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::
 }
 
 at::Tensor add_matvec(const at::Tensor& r_in, const at::Tensor& w_in, const at::Tensor& x_in) {
-  if (!fast_path(w_in, x_in) || r_in.scalar_type() != w_in.scalar_type() || r_in.dim() != 1 ||
+  const Isa form = matvec_form(w_in, x_in);
+  if (form == Isa::kTorch || r_in.scalar_type() != w_in.scalar_type() || r_in.dim() != 1 ||
       r_in.size(0) != w_in.size(0)) {
     return r_in + at::mv(w_in, x_in);
   }
@@ -304,12 +438,12 @@ at::Tensor add_matvec(const at::Tensor& r_in, const at::Tensor& w_in, const at::
   if (w.scalar_type() == at::kFloat) {
     float* o = out.data_ptr<float>();
     const float* rp = r.data_ptr<float>();
-    dot_rows<float>(w, x, [o, rp](int64_t i, float s) { o[i] = rp[i] + s; });
+    dot_rows<float>(form, w, x, [o, rp](int64_t i, float s) { o[i] = rp[i] + s; });
   } else {
     at::BFloat16* o = out.data_ptr<at::BFloat16>();
     const at::BFloat16* rp = r.data_ptr<at::BFloat16>();
     // The product rounds to bfloat16 before the add, as torch's mv then add would.
-    dot_rows<at::BFloat16>(w, x, [o, rp](int64_t i, float s) {
+    dot_rows<at::BFloat16>(form, w, x, [o, rp](int64_t i, float s) {
       o[i] = at::BFloat16(static_cast<float>(rp[i]) + static_cast<float>(at::BFloat16(s)));
     });
   }
@@ -377,10 +511,65 @@ CHAT_AVX512 void attend_chunk(const float* q, const T* k, const T* v, int64_t gr
   }
 }
 
+// attend_chunk in AVX2, for d a multiple of 8.
+template <typename T>
+CHAT_AVX2 void attend_chunk_avx2(const float* q, const T* k, const T* v, int64_t groups, int64_t d, int64_t first,
+                                 int64_t last, float scale, float* m, float* l, float* acc) {
+  const int64_t count = last - first, vecs = d / 8;
+  alignas(32) float scores[kMaxGroups][kChunk + 8];
+  for (int64_t j = 0; j < count; ++j) {
+    const T* key = k + (first + j) * d;
+    for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(T)); b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(key + kPrefetchRows * d) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v + (first + j) * d) + b, _MM_HINT_T0);
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 s = _mm256_setzero_ps();
+      for (int64_t c = 0; c < vecs; ++c) s = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * d + c * 8), load8(key + c * 8), s);
+      scores[g][j] = reduce_add8(s) * scale;
+    }
+  }
+  const int64_t padded = (count + 7) / 8 * 8;
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t j = count; j < padded; ++j) scores[g][j] = -INFINITY;
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < padded; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(&scores[g][j]));
+    m[g] = reduce_max8(top);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_load_ps(&scores[g][j]), _mm256_set1_ps(m[g])));
+      const __m256 kept = _mm256_and_ps(e, lanes_below(count - j));
+      _mm256_store_ps(&scores[g][j], kept);
+      sum = _mm256_add_ps(sum, kept);
+    }
+    l[g] = reduce_add8(sum);
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = 0; c < vecs; ++c) _mm256_storeu_ps(acc + g * d + c * 8, _mm256_setzero_ps());
+  for (int64_t j = 0; j < count; ++j) {
+    const T* value = v + (first + j) * d;
+    for (int64_t c = 0; c < vecs; ++c) {
+      const __m256 vv = load8(value + c * 8);
+      for (int64_t g = 0; g < groups; ++g) {
+        float* a = acc + g * d + c * 8;
+        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[g][j]), vv, _mm256_loadu_ps(a)));
+      }
+    }
+  }
+}
+
+// The form of attend_chunk for heads of d features here; kTorch for torch's own attention.
+Isa attend_form(int64_t d) {
+  const Isa widest = isa();
+  if (widest == Isa::kAvx512 && d % 16 == 0) return Isa::kAvx512;
+  return widest != Isa::kTorch && d % 8 == 0 ? Isa::kAvx2 : Isa::kTorch;
+}
+
 // Attention of float32 queries qp (kv_heads x groups x d) over positions [0, n) of k and v (1, kv_heads, len, d),
 // rows contiguous. Work items are (kv head, 64 positions); their partial results merge as in flash-decoding.
 // Keys and values stream once, shared by the query heads of their group. Returns (1, kv_heads, groups, d).
-at::Tensor attend_float(const float* qp, const at::Tensor& k, const at::Tensor& v, int64_t groups, int64_t n) {
+at::Tensor attend_float(Isa form, const float* qp, const at::Tensor& k, const at::Tensor& v, int64_t groups,
+                        int64_t n) {
   const int64_t heads = k.size(1), d = k.size(3);
   const int64_t chunks = (n + kChunk - 1) / kChunk, items = heads * chunks;
   const auto floats = k.options().dtype(at::kFloat);
@@ -388,14 +577,17 @@ at::Tensor attend_float(const float* qp, const at::Tensor& k, const at::Tensor& 
   at::Tensor parts = at::empty({items, groups, d + 2}, floats);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   float* pp = parts.data_ptr<float>();
+  const bool wide = form == Isa::kAvx512;
   auto run = [&](auto* kp, auto* vp) {
+    using T = std::remove_pointer_t<decltype(kp)>;
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       alignas(64) float m[kMaxGroups], l[kMaxGroups];
       for (int64_t item = begin; item < end; ++item) {
         const int64_t h = item / chunks, first = item % chunks * kChunk, last = std::min(n, first + kChunk);
         float* out = pp + item * groups * (d + 2);
-        attend_chunk(qp + h * groups * d, kp + h * k.stride(1), vp + h * v.stride(1), groups, d, first, last,
-                     scale, m, l, out + 2 * groups);
+        const auto chunk = wide ? attend_chunk<T> : attend_chunk_avx2<T>;
+        chunk(qp + h * groups * d, kp + h * k.stride(1), vp + h * v.stride(1), groups, d, first, last, scale, m,
+              l, out + 2 * groups);
         for (int64_t g = 0; g < groups; ++g) {
           out[g] = m[g];
           out[groups + g] = l[g];
@@ -457,9 +649,10 @@ at::Tensor cache_attend(const at::Tensor& qkv, const std::optional<at::Tensor>& 
                   rotary <= d && (sin ? sin->numel() : 0) == rotary && n >= 1 && n <= k_cache.size(2),
               "chat::cache_attend: shapes do not match");
   const auto dtype = qkv.scalar_type();
-  const bool fast = has_avx512() && (dtype == at::kFloat || dtype == at::kBFloat16) &&
+  const Isa form = attend_form(d);
+  const bool fast = form != Isa::kTorch && (dtype == at::kFloat || dtype == at::kBFloat16) &&
                     qkv.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                    k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype && d % 16 == 0 &&
+                    k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype &&
                     heads / kv_heads <= kMaxGroups && (!cos || (cos->is_contiguous() && sin->is_contiguous() &&
                                                                 cos->scalar_type() == dtype && sin->scalar_type() == dtype));
   if (!fast) {  // the same steps in torch's ops
@@ -507,7 +700,7 @@ at::Tensor cache_attend(const at::Tensor& qkv, const std::optional<at::Tensor>& 
     run(qkv.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>(),
         cos ? cos->data_ptr<at::BFloat16>() : nullptr, sin ? sin->data_ptr<at::BFloat16>() : nullptr);
   }
-  return attend_float(q.data(), k_cache, v_cache, heads / kv_heads, n).reshape({-1}).to(dtype);
+  return attend_float(form, q.data(), k_cache, v_cache, heads / kv_heads, n).reshape({-1}).to(dtype);
 }
 
 }  // namespace
