@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chat import __version__
+from chat import conversation as storage
 from chat.errors import ChatError, UsageError
 from chat.params import GenerationParams, parse_value
 from chat.text import readable
@@ -49,9 +50,12 @@ Options:
   --prompt=TEXT                One-shot: print the reply to TEXT and exit.
   --no-stream                  Print each reply whole instead of token by token.
   --context-policy=POLICY      When the history outgrows the context: drop-oldest or error [default: drop-oldest].
-  --save-dir=DIR               Where !save writes without a path (default $XDG_DATA_HOME/chat/sessions,
-                               that is ~/.local/share/chat/sessions).
-  --load=FILE                  Resume a session saved with !save.
+  --save-dir=DIR               Where each chat at a terminal is kept as it goes, and where !save writes
+                               without a path (default $XDG_DATA_HOME/chat/sessions, that is
+                               ~/.local/share/chat/sessions).
+  --continue                   Resume the chat kept last in --save-dir, and go on keeping it there.
+  --load=FILE                  Resume a session saved with !save (kept on in a new file).
+  --no-autosave                Keep nothing of this chat on disk but what you !save.
   --trust-remote-code          Allow a model's own Python code to run (off by default).
   --offline                    Never touch the network (also HF_HUB_OFFLINE=1).
   --verbose                    Print speed after each reply, and tracebacks with errors.
@@ -96,6 +100,7 @@ class Options:
     context_policy: str
     save_dir: Path
     load: Path | None
+    keep_in: Path | None  # where an interactive chat keeps itself after each turn; None: autosave is off
     trust_remote_code: bool
     offline: bool
     verbose: bool
@@ -168,6 +173,15 @@ def parse_args(argv: list[str]) -> Options:
     load = Path(args["--load"]).expanduser() if args["--load"] is not None else None
     if load is not None and not load.is_file():
         raise UsageError(f"--load: no file {load}; name a file written by !save")
+    save_dir = Path(args["--save-dir"]).expanduser() if args["--save-dir"] else default_save_dir()
+    keep_in = None if args["--no-autosave"] else storage.new_session_file(save_dir)
+    if args["--continue"]:
+        if load is not None:
+            raise UsageError("--continue and --load both name a chat to resume; give one")
+        load = storage.newest_session_file(save_dir)
+        if load is None:
+            raise UsageError(f"--continue: no chat kept in {save_dir} yet; start one, or --load a saved file")
+        keep_in = None if args["--no-autosave"] else load
 
     names = [v for v in (args["MODEL"], args["--model"], args["--model_name_or_path"]) if v is not None]
     if len(set(names)) > 1:
@@ -196,8 +210,9 @@ def parse_args(argv: list[str]) -> Options:
         prompt=None if args["--prompt"] is None else readable(args["--prompt"]),
         stream=not args["--no-stream"],
         context_policy=args["--context-policy"],
-        save_dir=Path(args["--save-dir"]).expanduser() if args["--save-dir"] else default_save_dir(),
+        save_dir=save_dir,
         load=load,
+        keep_in=keep_in,
         trust_remote_code=args["--trust-remote-code"],
         offline=offline,
         verbose=args["--verbose"],

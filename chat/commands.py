@@ -5,10 +5,10 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from chat import conversation as storage
 from chat.errors import ChatError
 from chat.params import PARSERS, parse_assignments
 
@@ -71,6 +71,7 @@ def do_status(session: Session, rest: str) -> None:
 
 
 def do_clear(session: Session, rest: str) -> None:
+    session.start_new_file()
     session.conversation.clear()
     session.say("history cleared" + (" (system prompt kept)" if session.conversation.system else ""))
 
@@ -102,8 +103,10 @@ def do_regen(session: Session, rest: str) -> None:
 def do_save(session: Session, rest: str) -> None:
     if rest:
         path = Path(rest).expanduser()
+    elif session.options.keep_in is not None:  # the chat's own file, where it is kept as it goes
+        path = session.own_file()
     else:
-        path = session.options.save_dir / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
+        path = storage.new_session_file(session.options.save_dir)
     if path.is_dir():
         raise ChatError(f"{path} is a directory; give a file name, like !save {path / 'chat.json'}")
     session.save(path)
@@ -114,6 +117,7 @@ def do_load(session: Session, rest: str) -> None:
     if not rest:
         raise ChatError("usage: !load PATH (a file written by !save)")
     session.load(Path(rest))
+    session.start_new_file()
     session.say(f"loaded {len(session.conversation.messages)} message(s) from {Path(rest).expanduser()}")
 
 

@@ -64,9 +64,9 @@ class Conversation:
         return True
 
 
-def save(path: Path, conversation: Conversation, params: GenerationParams, model: str, backend: str) -> None:
-    """Write the session as JSON atomically: a temporary file beside the target, then a rename."""
-    data = {
+def record(conversation: Conversation, params: GenerationParams, model: str, backend: str) -> dict[str, Any]:
+    """The session as saved, but for the time it is saved."""
+    return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "model": model,
@@ -74,10 +74,25 @@ def save(path: Path, conversation: Conversation, params: GenerationParams, model
         "system": conversation.system,
         "parameters": params.as_dict(),
         "created": conversation.created,
-        "saved": now(),
         "context_start": conversation.context_start,
         "messages": conversation.messages,
     }
+
+
+def new_session_file(directory: Path) -> Path:
+    """A file name for a session started now, in the form !save and --continue know."""
+    return directory / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
+
+
+def newest_session_file(directory: Path) -> Path | None:
+    """The session file in directory written last, if any."""
+    files = [path for path in directory.glob("chat-*.json") if path.is_file()]
+    return max(files, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def save(path: Path, conversation: Conversation, params: GenerationParams, model: str, backend: str) -> None:
+    """Write the session as JSON atomically: a temporary file beside the target, then a rename."""
+    data = {**record(conversation, params, model, backend), "saved": now()}
     path = path.expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

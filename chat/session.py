@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
 import sys
 import warnings
@@ -55,6 +57,11 @@ class Session:
         self.conversational = False  # a person at a terminal: label replies, remark on cut-off ones
         self.generator = torch.Generator(device=backend.info.device)
         self.reseed()
+        # Autosave (see keep): the chat as last written to options.keep_in, or as it began; whether that file
+        # is this chat's own (written by it, or resumed with --continue); whether this run wrote it.
+        self.kept = self.record()
+        self.owns_file = options.keep_in is not None and options.keep_in == options.load
+        self.wrote = False
 
     # --- output -------------------------------------------------------------------------------
 
@@ -86,9 +93,44 @@ class Session:
             return 0
         return len(encode(self.backend.tokenizer, self.conversation.in_context(), self.options.user))
 
+    def record(self) -> str:
+        info = self.backend.info
+        return json.dumps(storage.record(self.conversation, self.params, model=info.model, backend=info.name))
+
     def save(self, path: Path) -> None:
         info = self.backend.info
         storage.save(path, self.conversation, self.params, model=info.model, backend=info.name)
+        if path.expanduser() == self.options.keep_in:
+            self.kept, self.owns_file, self.wrote = self.record(), True, True
+
+    def keep(self) -> None:
+        """Write the chat to its file (options.keep_in) if it changed since: a chat at the terminal is not lost
+        to a closed window or a forgotten !save. A new chat takes a free name at its first write."""
+        if self.options.keep_in is None or not self.conversation.messages or self.record() == self.kept:
+            return
+        try:
+            self.save(self.own_file())
+        except ChatError as why:
+            self.options.keep_in = None
+            self.error(f"{why}; this chat is not kept on disk from now on (!save PATH saves it)")
+
+    def own_file(self) -> Path:
+        """options.keep_in, renamed first if a file of that name is another chat's (started the same second)."""
+        path = self.options.keep_in
+        assert path is not None
+        if not self.owns_file:
+            for number in itertools.count(2):
+                if not path.exists():
+                    break
+                path = path.with_name(f"{self.options.keep_in.stem}-{number}.json")
+            self.options.keep_in = path
+        return path
+
+    def start_new_file(self) -> None:
+        """Keep what follows in a file of its own (after !clear or !load: the chat before stays in its file)."""
+        if self.options.keep_in is not None and self.owns_file:
+            self.options.keep_in = storage.new_session_file(self.options.save_dir)
+            self.owns_file = False
 
     def load(self, path: Path) -> None:
         self.conversation, params = storage.load(path, self.params)
@@ -260,6 +302,8 @@ def converse(options: Options, load: SessionLoad, read: Callable[[str], str]) ->
         info = session.backend.info
         intro = f"chat · {label} · {info.name} on {info.device} ({info.runs_on}) · "
     print(style.note(intro + '!help for commands, """ for multi-line, Ctrl+D to quit'), flush=True)
+    if options.load is not None:
+        notice(f"(resuming the chat in {options.load})")
     prompt = style.user(f"{options.user}:") + " "
     more = style.user("...") + " "
     while session is None or session.running:
@@ -288,6 +332,9 @@ def converse(options: Options, load: SessionLoad, read: Callable[[str], str]) ->
                 notice("(not sent: the model is still loading; Up brings the message back)")
                 continue
         session.handle(text)
+        session.keep()
+    if session is not None and session.wrote:
+        notice(f"(kept in {session.options.keep_in}; chat --continue resumes it)")
 
 
 def _ready(load: SessionLoad, notice: Callable[[str], None]) -> Session:

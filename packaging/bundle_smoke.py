@@ -88,6 +88,7 @@ def smoke(exe: Path, artifact: Path, env: dict[str, str]) -> bool:
     ok &= check(
         "Paris" in answer and child.exitstatus == 0, f"interactive loop answers Paris ({seconds:.1f} s)", answer
     )
+    ok &= check("(kept in " in child.before, "the chat is kept in its file on leaving", child.before[-2000:])
 
     done = subprocess.run(
         [str(exe), "--model", "gpt2", "--offline", "--prompt", "hi"],

@@ -130,6 +130,22 @@ BAD = [
 ]
 
 
+def test_continue_picks_the_chat_kept_last_and_keeps_it_there(tiny_llama, tmp_path, capsys):
+    older, newer = tmp_path / "chat-20260101-000000.json", tmp_path / "chat-20250101-000000.json"
+    for path, when in ((older, 1_000_000), (newer, 2_000_000)):  # by time written, not by name
+        path.write_text('{"messages": []}')
+        os.utime(path, (when, when))
+    options = parse_args([str(tiny_llama), "--save-dir", str(tmp_path), "--continue"])
+    assert options.load == newer and options.keep_in == newer
+    assert parse_args([str(tiny_llama), "--save-dir", str(tmp_path), "--continue", "--no-autosave"]).keep_in is None
+    fresh = parse_args([str(tiny_llama), "--save-dir", str(tmp_path)])
+    assert fresh.keep_in.parent == tmp_path and fresh.keep_in.name.startswith("chat-") and fresh.load is None
+    assert main([str(tiny_llama), "--save-dir", str(tmp_path / "none"), "--continue"]) == 2
+    assert "--continue: no chat kept in" in capsys.readouterr().err
+    assert main([str(tiny_llama), "--save-dir", str(tmp_path), "--continue", "--load", str(older)]) == 2
+    assert "--continue and --load both name a chat to resume; give one" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("args", "message"), BAD)
 def test_bad_values_exit_2_with_one_line(args, message, tiny_llama, capsys):
     assert main([str(tiny_llama), *args]) == 2

@@ -248,6 +248,52 @@ def test_save_default_dir(tiny_llama, tmp_path):
     assert len(files) == 1 and str(files[0]) in output(session)[0]
 
 
+def test_a_chat_is_kept_after_each_change_in_a_file_of_its_own(tiny_llama, tmp_path):
+    """Autosave: written when the chat changed; !clear and !load start a new file (the chat before stays in
+    its own); a file of the same name from another chat is not overwritten."""
+    sessions = tmp_path / "sessions"
+    session = make_session(tiny_llama, "--save-dir", str(sessions), "--max-new-tokens", "2")
+    taken = session.options.keep_in
+    sessions.mkdir()
+    taken.write_text("another chat's")
+    session.keep()
+    assert list(sessions.iterdir()) == [taken]  # nothing to keep yet
+    session.ask("first")
+    session.keep()
+    first = session.options.keep_in
+    assert first.name == f"{taken.stem}-2.json" and taken.read_text() == "another chat's"
+    written = first.stat().st_mtime_ns
+    session.handle("!status")
+    session.keep()
+    assert first.stat().st_mtime_ns == written  # no change, no write
+    session.handle("!set temperature=0.3")
+    session.keep()
+    assert json.loads(first.read_text())["parameters"]["temperature"] == 0.3
+    session.handle("!clear")
+    session.ask("second")
+    session.keep()
+    second = session.options.keep_in
+    assert second != first and json.loads(first.read_text())["messages"][0]["content"] == "first"
+    assert json.loads(second.read_text())["messages"][0]["content"] == "second"
+    output(session)
+    session.handle("!save")  # without a path: the chat's own file
+    assert f"to {second}" in output(session)[0] and len(list(sessions.iterdir())) == 3
+
+
+def test_a_chat_that_cannot_be_kept_says_so_once_and_goes_on(tiny_llama, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    session = make_session(tiny_llama, "--save-dir", str(blocked / "sessions"), "--max-new-tokens", "2")
+    session.ask("Hello")
+    session.keep()
+    err = output(session)[1]
+    assert "cannot write" in err and "not kept on disk from now on (!save PATH saves it)" in err
+    assert err.count("\n") == 1 and session.options.keep_in is None
+    assert session.ask("Again")
+    session.keep()
+    assert output(session)[1] == ""
+
+
 def test_save_dir_follows_xdg(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     session = make_session(tiny_llama)

@@ -17,7 +17,13 @@ PROMPT = "User: "
 
 def spawn(model, *args: str, tmp_path, color: bool = False, then: str | None = None) -> pexpect.spawn:
     """`chat model args` in a pseudo-terminal, at its first prompt; `then`: a shell command run after it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XDG_STATE_HOME": str(tmp_path / "state"), "TERM": "xterm"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "XDG_DATA_HOME": str(tmp_path / "data"),  # where chats are kept
+        "TERM": "xterm",
+    }
     if not color:
         env["NO_COLOR"] = "1"
     command, argv = sys.executable, ["-m", "chat", str(model), *args]
@@ -72,6 +78,32 @@ def test_chat_set_save_load_and_eof(tiny_llama, tmp_path):
     child.expect_exact(PROMPT)
     quit_with_eof(child)
     assert (tmp_path / "state" / "chat" / "history").read_text().count("Hello there") == 1
+
+
+def test_a_chat_is_kept_as_it_goes_and_continue_resumes_it(tiny_llama, tmp_path):
+    sessions = tmp_path / "data" / "chat" / "sessions"
+    child = spawn(tiny_llama, "--max-new-tokens", "3", tmp_path=tmp_path)
+    child.sendline("Hello")
+    child.expect_exact("tiny-llama0: ")
+    child.expect_exact(PROMPT)
+    kept = list(sessions.glob("chat-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["messages"][0]["content"] == "Hello"  # before leaving
+    child.sendeof()
+    child.expect_exact(f"(kept in {kept[0]}; chat --continue resumes it)")
+    child.expect(pexpect.EOF)
+    child = spawn(tiny_llama, "--max-new-tokens", "3", "--continue", tmp_path=tmp_path)
+    assert f"(resuming the chat in {kept[0]})" in child.before
+    child.sendline("Again")
+    child.expect_exact("tiny-llama0: ")
+    child.expect_exact(PROMPT)
+    quit_with_eof(child)
+    users = [m["content"] for m in json.loads(kept[0].read_text())["messages"] if m["role"] == "user"]
+    assert users == ["Hello", "Again"] and list(sessions.glob("chat-*.json")) == kept
+    child = spawn(tiny_llama, "--max-new-tokens", "3", "--no-autosave", tmp_path=tmp_path)
+    child.sendline("Not kept")
+    child.expect_exact(PROMPT)
+    quit_with_eof(child)
+    assert "kept in" not in child.before and list(sessions.glob("chat-*.json")) == kept
 
 
 def test_multiline_block_and_bracketed_paste(tiny_llama, tmp_path):
