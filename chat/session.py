@@ -111,7 +111,7 @@ class Session:
         try:
             self.save(self.own_file())
         except ChatError as why:
-            self.options.keep_in = None
+            self.options.keep_in, self.wrote = None, False  # what the file holds is out of date now: no "kept in"
             self.error(f"{why}; this chat is not kept on disk from now on (!save PATH saves it)")
 
     def own_file(self) -> Path:
