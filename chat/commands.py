@@ -160,6 +160,6 @@ def run_command(session: Session, line: str) -> None:
 
 
 def describe_device(info: BackendInfo) -> str:
-    """ "cpu, bfloat16, native kernels, 2 threads": where and how the model runs."""
+    """ "cpu, bfloat16, native AVX-512 kernels, 2 threads": where and how the model runs."""
     threads = f", {info.threads} thread" + ("s" if info.threads != 1 else "")
     return f"{info.device}, {info.runs_on}" + (threads if info.device == "cpu" else "")

@@ -289,13 +289,22 @@ def test_without_a_compiler_export_uses_torchs_ops_and_says_why(tiny_llama, tmp_
     assert json.loads((out / "chat-artifact.json").read_text())["ops"] == []
 
 
-def test_status_says_the_native_kernels_run_the_model(llama_artifact, ops):
+WIDEST = "native AVX-512" if "avx512f" in Path("/proc/cpuinfo").read_text().split() else "native AVX2"
+
+
+@pytest.mark.parametrize(("cap", "kernels"), [(None, WIDEST), ("avx2", "native AVX2"), ("torch", "")])
+def test_status_says_which_kernels_run_the_model(llama_artifact, ops, monkeypatch, cap, kernels):
     from chat.backends.torchscript_backend import TorchScriptBackend
     from chat.commands import describe_device
 
+    if cap is not None:
+        monkeypatch.setenv("CHAT_NATIVE_ISA", cap)
     info = TorchScriptBackend(llama_artifact).info
-    assert info.kernels == "native" and info.notes == []
-    assert describe_device(info).startswith("cpu, float32, native kernels, ")
+    assert info.kernels == kernels
+    if kernels:
+        assert info.notes == [] and describe_device(info).startswith(f"cpu, float32, {kernels} kernels, ")
+    else:  # a CPU with neither: torch's kernels behind the ops, said in a note
+        assert describe_device(info).startswith("cpu, float32, ") and "neither AVX2 nor AVX-512" in info.notes[0]
 
 
 def test_build_command_bad_input_is_one_line(tmp_path):

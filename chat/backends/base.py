@@ -41,12 +41,12 @@ class BackendInfo:
     context_length: int  # most tokens one sequence may hold (prompt + reply)
     threads: int = 0  # CPU threads torch uses
     reason: str = ""  # why this backend was chosen (shown by !status)
-    kernels: str = ""  # "native" when decode runs on chat's native CPU kernels (chat.native)
+    kernels: str = ""  # "native AVX-512" (or AVX2) when decode runs on chat's native CPU kernels (chat.native)
     notes: list[str] = field(default_factory=list)  # e.g. why auto fell back
 
     @property
     def runs_on(self) -> str:
-        """The dtype, and the kernels when they are chat's own: "bfloat16, native kernels"."""
+        """The dtype, and the kernels when they are chat's own: "bfloat16, native AVX-512 kernels"."""
         return self.dtype + (f", {self.kernels} kernels" if self.kernels else "")
 
 

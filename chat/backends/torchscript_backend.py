@@ -47,10 +47,10 @@ class TorchScriptBackend:
         torch.set_num_threads(cpu_threads(options))
         notes, kernels = [], ""
         if native.OPS in manifest.get("ops", []):
-            if native.load():
-                kernels = "native"
-            else:
+            if not native.load():
                 notes.append(f"{native.why_not()}; decoding on torch's own kernels, slower")
+            elif not (kernels := native.kernels_in_use()):
+                notes.append("this CPU has neither AVX2 nor AVX-512: decoding on torch's own kernels, slower")
         try:
             with quiet_torchscript():
                 module = torch.jit.load(str(directory / MODEL_FILE), map_location=device)

@@ -153,6 +153,15 @@ def load(build_missing: bool = False) -> bool:
     return _native
 
 
+def kernels_in_use() -> str:
+    """After load(): which kernels run the ops, for !status: "native AVX-512", "native AVX2", or "" (torch's)."""
+    if not _native:
+        return ""
+    import torch
+
+    return {"avx512": "native AVX-512", "avx2": "native AVX2"}.get(torch.ops.chat.instruction_set(), "")
+
+
 def why_not() -> str:
     """After load() returned False: why torch's own kernels run the ops."""
     return _why_not

@@ -26,6 +26,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -703,6 +704,15 @@ at::Tensor cache_attend(const at::Tensor& qkv, const std::optional<at::Tensor>& 
   return attend_float(form, q.data(), k_cache, v_cache, heads / kv_heads, n).reshape({-1}).to(dtype);
 }
 
+// Which form runs the kernels here, for !status: "avx512", "avx2", or "torch" (torch's own kernels).
+std::string instruction_set() {
+  switch (isa()) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "torch";
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(chat, m) {
@@ -712,6 +722,7 @@ TORCH_LIBRARY(chat, m) {
   m.def(
       "cache_attend(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
       "Tensor window) -> Tensor");
+  m.def("instruction_set() -> str", &instruction_set);
 }
 
 TORCH_LIBRARY_IMPL(chat, CPU, m) {
