@@ -462,6 +462,48 @@ constexpr int64_t kMaxGroups = 16;    // query heads per kv head
 constexpr int64_t kChunk = 64;        // cached positions per work item
 constexpr int64_t kPrefetchRows = 8;  // keys asked for this many rows ahead
 
+// acc (Vecs vectors of 16) = sum over rows j < count of weights[j] * v's row j (rows of d), the sums in
+// registers: two sets, even and odd rows, so that the multiply-adds do not wait on each other.
+template <int Vecs, typename T>
+CHAT_AVX512 void weigh_rows(const float* weights, const T* v, int64_t count, int64_t d, float* acc) {
+  __m512 even[Vecs], odd[Vecs];
+  for (int c = 0; c < Vecs; ++c) even[c] = odd[c] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 2 <= count; j += 2) {
+    const __m512 w0 = _mm512_set1_ps(weights[j]), w1 = _mm512_set1_ps(weights[j + 1]);
+    for (int c = 0; c < Vecs; ++c) {
+      even[c] = _mm512_fmadd_ps(w0, load16(v + j * d + c * 16), even[c]);
+      odd[c] = _mm512_fmadd_ps(w1, load16(v + (j + 1) * d + c * 16), odd[c]);
+    }
+  }
+  if (j < count) {
+    const __m512 w = _mm512_set1_ps(weights[j]);
+    for (int c = 0; c < Vecs; ++c) even[c] = _mm512_fmadd_ps(w, load16(v + j * d + c * 16), even[c]);
+  }
+  for (int c = 0; c < Vecs; ++c) _mm512_storeu_ps(acc + c * 16, _mm512_add_ps(even[c], odd[c]));
+}
+
+// weigh_rows for any d (a multiple of 16): in registers up to 128 features, else in memory.
+template <typename T>
+CHAT_AVX512 void weigh_rows_any(const float* weights, const T* v, int64_t count, int64_t d, float* acc) {
+  switch (d / 16) {
+    case 1: return weigh_rows<1>(weights, v, count, d, acc);
+    case 2: return weigh_rows<2>(weights, v, count, d, acc);
+    case 3: return weigh_rows<3>(weights, v, count, d, acc);
+    case 4: return weigh_rows<4>(weights, v, count, d, acc);
+    case 5: return weigh_rows<5>(weights, v, count, d, acc);
+    case 6: return weigh_rows<6>(weights, v, count, d, acc);
+    case 7: return weigh_rows<7>(weights, v, count, d, acc);
+    case 8: return weigh_rows<8>(weights, v, count, d, acc);
+  }
+  for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(acc + c, _mm512_setzero_ps());
+  for (int64_t j = 0; j < count; ++j) {
+    const __m512 w = _mm512_set1_ps(weights[j]);
+    for (int64_t c = 0; c < d; c += 16)
+      _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(w, load16(v + j * d + c), _mm512_loadu_ps(acc + c)));
+  }
+}
+
 // One work item of decode attention: the `groups` query heads of one kv head (q, float32, groups x d)
 // over cached positions [first, last) of that head's keys and values (rows of d). Writes, per query
 // head, the running max score m, the sum l of e^(score - m) and acc = sum of e^(score - m) * value.
@@ -498,17 +540,39 @@ CHAT_AVX512 void attend_chunk(const float* q, const T* k, const T* v, int64_t gr
     }
     l[g] = _mm512_reduce_add_ps(sum);
   }
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t c = 0; c < vecs; ++c) _mm512_storeu_ps(acc + g * d + c * 16, _mm512_setzero_ps());
+  const T* values = v + first * d;
+  for (int64_t g = 0; g < groups; ++g) weigh_rows_any(scores[g], values, count, d, acc + g * d);
+}
+
+// weigh_rows in AVX2: one set of sums (16 registers in all), in registers up to 64 features.
+template <int Vecs, typename T>
+CHAT_AVX2 void weigh_rows_avx2(const float* weights, const T* v, int64_t count, int64_t d, float* acc) {
+  __m256 sums[Vecs];
+  for (int c = 0; c < Vecs; ++c) sums[c] = _mm256_setzero_ps();
   for (int64_t j = 0; j < count; ++j) {
-    const T* value = v + (first + j) * d;
-    for (int64_t c = 0; c < vecs; ++c) {
-      const __m512 vv = load16(value + c * 16);
-      for (int64_t g = 0; g < groups; ++g) {
-        float* a = acc + g * d + c * 16;
-        _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[g][j]), vv, _mm512_loadu_ps(a)));
-      }
-    }
+    const __m256 w = _mm256_set1_ps(weights[j]);
+    for (int c = 0; c < Vecs; ++c) sums[c] = _mm256_fmadd_ps(w, load8(v + j * d + c * 8), sums[c]);
+  }
+  for (int c = 0; c < Vecs; ++c) _mm256_storeu_ps(acc + c * 8, sums[c]);
+}
+
+template <typename T>
+CHAT_AVX2 void weigh_rows_any_avx2(const float* weights, const T* v, int64_t count, int64_t d, float* acc) {
+  switch (d / 8) {
+    case 1: return weigh_rows_avx2<1>(weights, v, count, d, acc);
+    case 2: return weigh_rows_avx2<2>(weights, v, count, d, acc);
+    case 3: return weigh_rows_avx2<3>(weights, v, count, d, acc);
+    case 4: return weigh_rows_avx2<4>(weights, v, count, d, acc);
+    case 5: return weigh_rows_avx2<5>(weights, v, count, d, acc);
+    case 6: return weigh_rows_avx2<6>(weights, v, count, d, acc);
+    case 7: return weigh_rows_avx2<7>(weights, v, count, d, acc);
+    case 8: return weigh_rows_avx2<8>(weights, v, count, d, acc);
+  }
+  for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(acc + c, _mm256_setzero_ps());
+  for (int64_t j = 0; j < count; ++j) {
+    const __m256 w = _mm256_set1_ps(weights[j]);
+    for (int64_t c = 0; c < d; c += 8)
+      _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(w, load8(v + j * d + c), _mm256_loadu_ps(acc + c)));
   }
 }
 
@@ -545,18 +609,8 @@ CHAT_AVX2 void attend_chunk_avx2(const float* q, const T* k, const T* v, int64_t
     }
     l[g] = reduce_add8(sum);
   }
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t c = 0; c < vecs; ++c) _mm256_storeu_ps(acc + g * d + c * 8, _mm256_setzero_ps());
-  for (int64_t j = 0; j < count; ++j) {
-    const T* value = v + (first + j) * d;
-    for (int64_t c = 0; c < vecs; ++c) {
-      const __m256 vv = load8(value + c * 8);
-      for (int64_t g = 0; g < groups; ++g) {
-        float* a = acc + g * d + c * 8;
-        _mm256_storeu_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(scores[g][j]), vv, _mm256_loadu_ps(a)));
-      }
-    }
-  }
+  const T* values = v + first * d;
+  for (int64_t g = 0; g < groups; ++g) weigh_rows_any_avx2(scores[g], values, count, d, acc + g * d);
 }
 
 // The form of attend_chunk for heads of d features here; kTorch for torch's own attention.
