@@ -66,8 +66,17 @@ def do_status(session: Session, rest: str) -> None:
     stats = session.last_stats
     if stats is not None:
         rows.append(("last reply", stats.line()))
+    rows.append(("kept in", where_kept(session)))
     width = max(len(name) for name, _ in rows)
     session.say("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+
+
+def where_kept(session: Session) -> str:
+    """Where the chat is kept as it goes (see Session.keep), for !status."""
+    path = session.options.keep_in
+    if path is None or not session.conversational:  # --no-autosave, a failed write, or not at a terminal
+        return "nowhere yet (!save PATH saves the chat)"
+    return str(path) if session.owns_file else f"{path} (from the first change)"
 
 
 def do_clear(session: Session, rest: str) -> None:
@@ -125,7 +134,7 @@ COMMANDS: dict[str, Command] = {
     "help": Command("!help", "show this list", do_help),
     "exit": Command("!exit, !quit", "leave the chat (also Ctrl+D)", do_exit),
     "set": Command("!set key=value ...", "change generation parameters", do_set),
-    "status": Command("!status", "model, backend, parameters, context use, last reply's speed", do_status),
+    "status": Command("!status", "model, backend, parameters, context, last reply's speed, chat file", do_status),
     "clear": Command("!clear", "forget the history (the system prompt stays)", do_clear),
     "system": Command("!system [TEXT]", "show or set the system prompt", do_system),
     "undo": Command("!undo", "remove the last exchange", do_undo),

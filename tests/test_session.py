@@ -278,6 +278,11 @@ def test_a_chat_is_kept_after_each_change_in_a_file_of_its_own(tiny_llama, tmp_p
     output(session)
     session.handle("!save")  # without a path: the chat's own file
     assert f"to {second}" in output(session)[0] and len(list(sessions.iterdir())) == 3
+    session.handle("!status")
+    assert "kept in     nowhere yet" in output(session)[0]  # not at a terminal: only what !save writes
+    session.conversational = True
+    session.handle("!status")
+    assert f"kept in     {second}\n" in output(session)[0]
 
 
 def test_a_chat_that_cannot_be_kept_says_so_once_and_goes_on(tiny_llama, tmp_path):
