@@ -101,7 +101,7 @@ class Layer(nn.Module):
         self.fold_norms = fewest_ops and shape.norm == "rms"
         self.eps_root = eps_term(shape)  # for the native kernels
         if self.fold_norms:
-            # The norm weight and sqrt(hidden) (see _unit_norm) scale the matmul's inputs: into the weight's columns.
+            # The norm weight and sqrt(hidden) (see unit_norm) scale the matmul's inputs: into the weight's columns.
             root = shape.hidden_size**0.5
             w = dict(w, wqkv=w["wqkv"] * (w["ln1"] * root), wup=w["wup"] * (w["ln2"] * root), ln1=None, ln2=None)
         self.register_buffer("norm_eps", _eps_root(shape, for_cuda, w["wqkv"].device))
@@ -162,7 +162,7 @@ class Layer(nn.Module):
         if isinstance(rope, torch.Tensor):  # one token on CPU in float32: RoPE as one small matmul
             qk = torch.matmul(qk, rope)
         elif rope is not None:
-            qk = _rotate(qk, rope[0], rope[1], s.rotary_dim)
+            qk = rotate_half(qk, rope[0], rope[1], s.rotary_dim)
         q, k = qk.split([s.heads, s.kv_heads], dim=1)
         v = v.reshape(1, -1, 1, s.head_dim) if one else v.reshape(-1, s.kv_heads, s.head_dim)
         # Caches are (1, kv_heads, max_len, head_dim); new keys go in at their positions.
@@ -194,7 +194,7 @@ class Layer(nn.Module):
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         if self.fold_norms:
-            return _unit_norm(x, self.norm_eps)
+            return unit_norm(x, self.norm_eps)
         return _norm(self.shape, x, weight, bias, self.for_cuda, self.norm_eps)
 
     def _add_linear(self, x: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, name: str):
@@ -315,15 +315,15 @@ def _norm(
         # One kernel: float math inside, one rounding at the end (transformers rounds before the weight).
         return F.rms_norm(x, (shape.hidden_size,), weight, shape.norm_eps)
     # On CPU as transformers rounds: normalise in float32, cast back, then scale in the model's dtype; the
-    # float32 math as _unit_norm's few ops (F.rms_norm is about a tenth of a 16-bit decode step).
+    # float32 math as unit_norm's few ops (F.rms_norm is about a tenth of a 16-bit decode step).
     root = shape.hidden_size**0.5
     if x.dtype == torch.float32:  # decided at trace time: no cast ops in a float32 graph
-        return weight * (_unit_norm(x, eps_root) * root)
-    return weight * (_unit_norm(x.float(), eps_root) * root).to(x.dtype)
+        return weight * (unit_norm(x, eps_root) * root)
+    return weight * (unit_norm(x.float(), eps_root) * root).to(x.dtype)
 
 
 def eps_term(shape: Shape) -> float:
-    """RMSNorm's eps as _unit_norm takes it: sqrt(hidden * eps)."""
+    """RMSNorm's eps as unit_norm takes it: sqrt(hidden * eps)."""
     return (shape.hidden_size * shape.norm_eps) ** 0.5
 
 
@@ -334,13 +334,13 @@ def _eps_root(shape: Shape, for_cuda: bool, device: torch.device) -> torch.Tenso
     return torch.tensor(eps_term(shape), dtype=torch.float32, device=device)
 
 
-def _unit_norm(x: torch.Tensor, eps_root: torch.Tensor) -> torch.Tensor:
+def unit_norm(x: torch.Tensor, eps_root: torch.Tensor) -> torch.Tensor:
     """RMSNorm without its weight, divided by sqrt(hidden): x / sqrt(sum(x^2) + hidden * eps), eps_root being
     sqrt(hidden * eps). Three cheap ops; F.rms_norm costs about four times as much per call at decode."""
     return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), eps_root)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """RoPE (rotate-half form) on the first rotary_dim features of every head; sin has its sign folded in.
 
     The halves are swapped by a cat of two slices: TorchScript's CUDA fuser merges it with the products

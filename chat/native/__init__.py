@@ -173,10 +173,12 @@ def _register_fallback() -> None:
     import torch
     import torch.nn.functional as F
 
+    from chat.export.model import rotate_half, unit_norm  # the exported module's own steps
+
     def rms_norm(x: torch.Tensor, eps_root: float | None, weight: torch.Tensor | None) -> torch.Tensor:
         if eps_root is None:
             return x
-        unit = x.float() / torch.hypot(torch.linalg.vector_norm(x.float()), torch.tensor(eps_root))
+        unit = unit_norm(x.float(), torch.tensor(eps_root))
         return unit.to(x.dtype) if weight is None else weight * (unit * x.numel() ** 0.5).to(x.dtype)
 
     def matvec(w, x, eps_root=None, norm_weight=None):
@@ -193,12 +195,7 @@ def _register_fallback() -> None:
 
         def rope(x: torch.Tensor, count: int) -> torch.Tensor:
             x = x.reshape(count, d)
-            if cos is None:
-                return x
-            rotary, half = cos.numel(), cos.numel() // 2
-            r = x[:, :rotary]
-            out = r * cos + torch.cat([r[:, half:], r[:, :half]], 1) * sin
-            return torch.cat([out, x[:, rotary:]], 1)
+            return x if cos is None else rotate_half(x, cos, sin, cos.numel())
 
         k_cache.index_copy_(2, positions, rope(k, kv_heads).reshape(1, kv_heads, 1, d))
         v_cache.index_copy_(2, positions, v.reshape(1, kv_heads, 1, d))
