@@ -174,14 +174,14 @@ def parse_args(argv: list[str]) -> Options:
     if load is not None and not load.is_file():
         raise UsageError(f"--load: no file {load}; name a file written by !save")
     save_dir = Path(args["--save-dir"]).expanduser() if args["--save-dir"] else default_save_dir()
-    keep_in = None if args["--no-autosave"] else storage.new_session_file(save_dir)
     if args["--continue"]:
         if load is not None:
             raise UsageError("--continue and --load both name a chat to resume; give one")
         load = storage.newest_session_file(save_dir)
         if load is None:
             raise UsageError(f"--continue: no chat kept in {save_dir} yet; start one, or --load a saved file")
-        keep_in = None if args["--no-autosave"] else load
+    # A resumed chat is kept on in its own file; a new one (or one --load copied) in a file of its own.
+    keep_in = None if args["--no-autosave"] else load if args["--continue"] else storage.new_session_file(save_dir)
 
     names = [v for v in (args["MODEL"], args["--model"], args["--model_name_or_path"]) if v is not None]
     if len(set(names)) > 1:
