@@ -289,16 +289,15 @@ def test_without_a_compiler_export_uses_torchs_ops_and_says_why(tiny_llama, tmp_
     assert json.loads((out / "chat-artifact.json").read_text())["ops"] == []
 
 
-WIDEST = "native AVX-512" if "avx512f" in Path("/proc/cpuinfo").read_text().split() else "native AVX2"
-
-
-@pytest.mark.parametrize(("cap", "kernels"), [(None, WIDEST), ("avx2", "native AVX2"), ("torch", "")])
+@pytest.mark.parametrize(("cap", "kernels"), [(None, "widest"), ("avx2", "native AVX2"), ("torch", "")])
 def test_status_says_which_kernels_run_the_model(llama_artifact, ops, monkeypatch, cap, kernels):
     from chat.backends.torchscript_backend import TorchScriptBackend
     from chat.commands import describe_device
 
     if cap is not None:
         monkeypatch.setenv("CHAT_NATIVE_ISA", cap)
+    if kernels == "widest":  # read here: the module is skipped (not imported to fail) off Linux
+        kernels = "native AVX-512" if "avx512f" in Path("/proc/cpuinfo").read_text().split() else "native AVX2"
     info = TorchScriptBackend(llama_artifact).info
     assert info.kernels == kernels
     if kernels:
