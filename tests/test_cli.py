@@ -222,6 +222,27 @@ def test_missing_directory():
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
+def test_a_file_named_as_the_model(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    result = run_chat(str(tmp_path / "weights.bin"), "--prompt", "hi")
+    assert result.returncode == 2 and "is a file; name the model's directory" in result.stderr
+
+
+def test_hub_out_of_reach_is_not_called_offline(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    # Nothing listens on port 9 here: the download fails at once, as with no network.
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run(
+        [sys.executable, "-m", "chat", "someone/some-model", "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "could not reach the Hugging Face Hub" in result.stderr and "offline" not in result.stderr
+
+
 def test_offline_unknown_hub_id():
     result = run_chat("nobody-here/no-such-model", "--offline", "--backend", "transformers", "--prompt", "hi")
     assert result.returncode == 1

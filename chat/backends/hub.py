@@ -17,8 +17,9 @@ def locate_model(options: LoadOptions) -> Path:
     path = Path(options.model).expanduser()
     if path.is_dir():
         return path
-    looks_like_path = options.model.startswith((".", "/", "~")) or options.model.count("/") > 1
-    if looks_like_path or path.exists():
+    if path.exists():
+        raise UsageError(f"{options.model} is a file; name the model's directory (the one with config.json)")
+    if options.model.startswith((".", "/", "~")) or options.model.count("/") > 1:
         raise UsageError(f"model directory {options.model} does not exist; check the path")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -37,9 +38,15 @@ def locate_model(options: LoadOptions) -> Path:
             f"no model '{options.model}' on the Hugging Face Hub (or it is private: run `hf auth login`)"
         ) from None
     except LocalEntryNotFoundError:
+        if options.offline:
+            raise ChatError(
+                f"'{options.model}' is not in the local Hugging Face cache and offline mode is on; "
+                "run once online, or name a local directory"
+            ) from None
+        # huggingface_hub raises this too when the Hub cannot be reached and nothing is cached.
         raise ChatError(
-            f"'{options.model}' is not in the local Hugging Face cache and offline mode is on; "
-            "run once online, or name a local directory"
+            f"could not reach the Hugging Face Hub to download '{options.model}', and it is not in the local cache; "
+            "check the network (or HF_ENDPOINT, HTTPS_PROXY), or name a local directory"
         ) from None
     except (HfHubHTTPError, OSError) as why:
         raise ChatError(f"could not download '{options.model}' ({why}); check the network or use --offline") from None
