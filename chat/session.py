@@ -260,11 +260,19 @@ def run(options: Options) -> int:
         return code
     session = load_session(options)
     show_notes(session)
+    # Without a terminal only a chat resumed with --continue is kept (`chat --continue --prompt "and then?"`
+    # goes on in its file); a one-shot question or a pipe of its own leaves no file behind.
+    resumed = session.owns_file
     try:
         if options.prompt is not None:
-            return 0 if session.ask(options.prompt) else 1
+            answered = session.ask(options.prompt)
+            if resumed:
+                session.keep()
+            return 0 if answered else 1
         for message in piped_messages(sys.stdin):
             session.handle(message)
+            if resumed:
+                session.keep()
             if not session.running:
                 break
         return 0

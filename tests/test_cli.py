@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -144,6 +145,20 @@ def test_continue_picks_the_chat_kept_last_and_keeps_it_there(tiny_llama, tmp_pa
     assert "--continue: no chat kept in" in capsys.readouterr().err
     assert main([str(tiny_llama), "--save-dir", str(tmp_path), "--continue", "--load", str(older)]) == 2
     assert "--continue and --load both name a chat to resume; give one" in capsys.readouterr().err
+
+
+def test_one_shot_keeps_nothing_unless_it_continues_a_kept_chat(tiny_llama, tmp_path):
+    saves = tmp_path / "sessions"
+    args = (str(tiny_llama), "--save-dir", str(saves), "--max-new-tokens", "2", "--backend", "transformers")
+    assert run_chat(*args, "--prompt", "hi").returncode == 0 and not saves.exists()
+    saves.mkdir()
+    kept = saves / "chat-20260101-000000.json"
+    kept.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
+    assert run_chat(*args, "--continue", "--prompt", "and then?").returncode == 0
+    assert run_chat(*args, "--continue", stdin="more\n").returncode == 0
+    said = [(m["role"], m["content"]) for m in json.loads(kept.read_text())["messages"]]
+    assert said[:3] == [("user", "a"), ("assistant", "b"), ("user", "and then?")] and said[4] == ("user", "more")
+    assert [role for role, _ in said] == ["user", "assistant"] * 3 and list(saves.iterdir()) == [kept]
 
 
 @pytest.mark.parametrize(("args", "message"), BAD)
