@@ -49,6 +49,7 @@ Options:
   --user=NAME                  Your label at the prompt [default: User].
   --prompt=TEXT                One-shot: print the reply to TEXT and exit.
   --no-stream                  Print each reply whole instead of token by token.
+  --no-wrap                    Let the terminal break long lines anywhere, not between words.
   --context-policy=POLICY      When the history outgrows the context: drop-oldest or error [default: drop-oldest].
   --save-dir=DIR               Where each chat at a terminal is kept as it goes, and where !save writes
                                without a path (default $XDG_DATA_HOME/chat/sessions, that is
@@ -97,6 +98,7 @@ class Options:
     user: str
     prompt: str | None
     stream: bool
+    wrap: bool  # break a reply on screen between words
     context_policy: str
     save_dir: Path
     load: Path | None
@@ -209,6 +211,7 @@ def parse_args(argv: list[str]) -> Options:
         user=user,
         prompt=None if args["--prompt"] is None else readable(args["--prompt"]),
         stream=not args["--no-stream"],
+        wrap=not args["--no-wrap"],
         context_policy=args["--context-policy"],
         save_dir=save_dir,
         load=load,

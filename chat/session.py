@@ -19,9 +19,12 @@ from chat.params import GenerationParams
 from chat.prompt import build_prompt, encode
 from chat.terminal import (
     Style,
+    WordWrap,
+    columns,
     is_interactive,
     keys_kept_between_prompts,
     piped_messages,
+    printable,
     read_message,
     setup_readline,
 )
@@ -179,12 +182,14 @@ class Session:
 
         stream = ReplyStream(self.backend, prompt.ids, self.params, self.generator, prompt.stop_strings)
         interactive = self.conversational and self.out.isatty()
-        if interactive:
-            print(self.style.model(f"{self.label}:") + " ", end="", file=self.out, flush=True)
+        label = f"{self.label}:" if interactive else ""
+        if label:
+            print(self.style.model(label) + " ", end="", file=self.out, flush=True)
+        show = self.screen_wrap(start=len(label) + 1 if label else 0)
         try:
             for piece in stream:
                 if self.options.stream:
-                    print(piece, end="", file=self.out, flush=True)
+                    print(show(piece), end="", file=self.out, flush=True)
         except KeyboardInterrupt:
             stream.finish = "interrupted"
         except ChatError as why:  # said in words the user can act on, e.g. a full context or NaN scores
@@ -200,7 +205,7 @@ class Session:
                 traceback.print_exc(file=self.err)
             return False
         if not self.options.stream:
-            print(stream.text, end="", file=self.out)
+            print(show(stream.text), end="", file=self.out)
         print(file=self.out, flush=True)
 
         extra = {"interrupted": True} if stream.finish == "interrupted" else {}
@@ -213,6 +218,15 @@ class Session:
         if self.options.verbose:
             print(stream.stats.line(), file=self.err, flush=True)
         return True
+
+    def screen_wrap(self, start: int) -> Callable[[str], str]:
+        """What a reply's text goes through on its way out: on a terminal, no control characters, and a word
+        wrap (but for --no-wrap and dumb terminals); to a pipe or file, nothing."""
+        if not self.out.isatty():
+            return str
+        if not self.options.wrap or os.environ.get("TERM") == "dumb":
+            return printable
+        return WordWrap(columns(self.out), column=start)
 
     def handle(self, text: str) -> None:
         """One line (or block) of input: a command, a message, or nothing."""

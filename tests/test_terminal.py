@@ -5,12 +5,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
+import re
 import shlex
 import subprocess
 import sys
 
 import pexpect
 import pytest
+from helpers import make_session
+
+from chat.terminal import WordWrap, char_width, printable
 
 PROMPT = "User: "
 
@@ -335,3 +340,88 @@ def test_one_shot_in_a_terminal_prints_only_the_reply(tiny_llama):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0 and "tiny-llama0:" not in child.before and "User:" not in child.before
+
+
+def on_screen(written: str) -> list[str]:
+    """The lines a terminal shows after `written`: printing characters (wide ones take two cells), newline,
+    backspace and erase-to-end-of-line, the only controls a wrapped reply uses."""
+    lines: list[list[str]] = [[]]
+    column = 0
+    for part in re.split("(\x1b\\[K|\n|\x08)", written):
+        line = lines[-1]
+        if part == "\x1b[K":
+            del line[column:]
+        elif part == "\n":
+            lines.append([])
+            column = 0
+        elif part == "\b":
+            column -= 1
+        else:
+            for char in part:
+                if char_width(char) == 0 and column > 0:  # a combining mark or the like: joins the cell before
+                    line[column - 1] += char
+                    continue
+                cells = [char] + [""] * (char_width(char) - 1)
+                line[column : column + len(cells)] = cells
+                column += len(cells)
+    return ["".join(line) for line in lines]
+
+
+PROSE = (
+    "Paris is the capital of France, and a city of art, fashion and food. Its museums, among them the "
+    "Louvre, hold works from every age; extraordinarily-long-hyphenated-words stay whole when they fit."
+)
+
+
+@pytest.mark.parametrize("width", [12, 25, 40, 80])
+def test_word_wrap_breaks_only_between_words_however_the_text_arrives(width):
+    rng = random.Random(width)
+    for _ in range(50):
+        wrap, written, at = WordWrap(width, column=7), "", 0
+        while at < len(PROSE):
+            size = rng.randint(1, 9)
+            written += wrap(PROSE[at : at + size])
+            at += size
+        lines = on_screen("model: " + written)
+        assert max(len(line) for line in lines) <= width - 1
+        long_words = [w for w in PROSE.split() if len(w) > width - 1]
+        if not long_words:  # every word shown whole, in order
+            assert " ".join(lines).split() == ["model:", *PROSE.split()]
+        else:  # words too long for a line are broken, nothing else is lost
+            assert "".join(" ".join(lines).split()) == "model:" + "".join(PROSE.split())
+
+
+def test_word_wrap_counts_wide_characters_and_keeps_newlines():
+    text = "東京は日本の首都です。人口は約千四百万人です。\nA short line.\n\nAnother paragraph\twith a tab."
+    wrap = WordWrap(16)
+    lines = on_screen("".join(wrap(char) for char in text))
+    assert max(sum(map(char_width, line)) for line in lines) <= 15
+    after = lines.index("A short line.")
+    assert "".join(lines[:after]) == text.split("\n")[0]  # no spaces in Japanese: broken where a line ends
+    assert [line.rstrip() for line in lines[after : after + 3]] == ["A short line.", "", "Another"]
+
+
+def test_a_reply_on_a_terminal_is_wrapped_and_kept_unwrapped(tiny_llama, monkeypatch):
+    """Random weights give long runs of odd tokens: what shows never passes the edge, and the chat keeps
+    the reply as the model wrote it."""
+    monkeypatch.setenv("COLUMNS", "30")
+    monkeypatch.setenv("TERM", "xterm")
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    session = make_session(tiny_llama, "--max-new-tokens", "120", "--temperature", "1", "--top-k", "0")
+    session.out, session.conversational = Terminal(), True
+    session.ask("Hello")
+    reply = session.conversation.messages[-1]["content"]
+    lines = on_screen(session.out.getvalue())
+    assert max(sum(map(char_width, line)) for line in lines) <= 29
+    assert lines[0].startswith(f"{session.label}:") and len(lines) > 3
+    shown = "".join("".join(lines).split())
+    assert shown == f"{session.label}:" + "".join(printable(reply).split())
+
+
+def test_control_characters_in_a_reply_do_not_reach_the_terminal():
+    assert printable("a\x1b]0;title\x07b\r\nc\td\x7f") == "a\ufffd]0;title\ufffdb\nc\td\ufffd"
+    assert WordWrap(80)("\x1b[2Jcleared?\r\n") == "\ufffd[2Jcleared?\n"
