@@ -109,6 +109,19 @@ def do_regen(session: Session, rest: str) -> None:
         messages.append(previous)
 
 
+def do_edit(session: Session, rest: str) -> None:
+    if not (session.conversational and session.out.isatty()):
+        raise ChatError("!edit opens your editor, so it needs a terminal; send the message itself instead")
+    from chat.terminal import compose_in_editor
+
+    text = compose_in_editor(rest).strip()
+    if not text:
+        session.say("nothing sent (the message was left empty)")
+        return
+    session.say(text)
+    session.ask(text)
+
+
 def do_save(session: Session, rest: str) -> None:
     if rest:
         path = Path(rest).expanduser()
@@ -139,6 +152,7 @@ COMMANDS: dict[str, Command] = {
     "system": Command("!system [TEXT]", "show or set the system prompt", do_system),
     "undo": Command("!undo", "remove the last exchange", do_undo),
     "regen": Command("!regen", "answer the last message again", do_regen),
+    "edit": Command("!edit [TEXT]", "write a message in your editor ($EDITOR), then send it", do_edit),
     "save": Command("!save [PATH]", "save the session as JSON (default: in --save-dir)", do_save),
     "load": Command("!load PATH", "restore a saved session", do_load),
 }

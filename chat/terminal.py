@@ -6,13 +6,18 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from chat.errors import ChatError
 from chat.text import readable
 
 MULTILINE = '"""'
@@ -226,6 +231,51 @@ def keys_kept_between_prompts(keyboard: TextIO, screen: TextIO) -> Iterator[Call
     finally:
         with contextlib.suppress(termios.error):  # the terminal may be gone (a hang-up)
             termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def compose_in_editor(start: str) -> str:
+    """A message written in the user's editor ($VISUAL, $EDITOR, else nano or vi), starting from `start`."""
+    command = os.environ.get("VISUAL") or os.environ.get("EDITOR") or next(filter(shutil.which, ("nano", "vi")), None)
+    if not command:
+        raise ChatError("no editor found: set $EDITOR (for example: export EDITOR=nano)")
+    argv = shlex.split(command)
+    with tempfile.TemporaryDirectory(prefix="chat-") as folder:
+        path = Path(folder) / "message.md"
+        path.write_text(start, encoding="utf-8")
+        # The editor has the terminal, Ctrl+C included: this process waits on, and the editor gets the
+        # terminal's own line mode and echo back (see keys_kept_between_prompts).
+        waiting = signal.signal(signal.SIGINT, lambda *_: None)
+        try:
+            with terminal_line_mode(sys.stdin):
+                finished = subprocess.run([*argv, str(path)], check=False)
+        except FileNotFoundError:
+            raise ChatError(f"no editor `{argv[0]}` here; set $EDITOR to one you have") from None
+        finally:
+            signal.signal(signal.SIGINT, waiting)
+        if finished.returncode != 0:
+            raise ChatError(f"the editor `{command}` exited with status {finished.returncode}; nothing was sent")
+        return readable(path.read_text(encoding="utf-8", errors="surrogateescape"))
+
+
+@contextlib.contextmanager
+def terminal_line_mode(keyboard: TextIO) -> Iterator[None]:
+    """The terminal in its usual line mode with echo for a while, then as it was."""
+    try:
+        import termios
+
+        fd = keyboard.fileno()
+        was = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):
+        yield
+        return
+    usual = list(was)
+    usual[3] |= termios.ICANON | termios.ECHO
+    termios.tcsetattr(fd, termios.TCSANOW, usual)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(fd, termios.TCSANOW, was)
 
 
 def is_interactive() -> bool:

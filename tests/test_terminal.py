@@ -85,6 +85,37 @@ def test_chat_set_save_load_and_eof(tiny_llama, tmp_path):
     assert (tmp_path / "state" / "chat" / "history").read_text().count("Hello there") == 1
 
 
+def test_edit_sends_what_the_editor_saved_and_survives_a_failing_editor(tiny_llama, tmp_path, monkeypatch):
+    editor = tmp_path / "editor"  # a real program in the editor's place: it words the text it was given
+    editor.write_text(
+        f'#!/bin/sh\nstty -a > {tmp_path / "stty"}\nprintf "Tell me about %s\\nin two lines" "$(cat "$1")" > "$1"\n'
+    )
+    editor.chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.delenv("VISUAL", raising=False)
+
+    def edit(command: str, *replies: str) -> pexpect.spawn:
+        monkeypatch.setenv("EDITOR", command)
+        child = spawn(tiny_llama, "--max-new-tokens", "3", tmp_path=tmp_path)
+        child.sendline("!edit cats")
+        for reply in replies:
+            child.expect_exact(reply)
+        child.expect_exact(PROMPT)
+        return child
+
+    child = edit(str(editor), "Tell me about cats", "tiny-llama0: ")
+    data = saved(child, tmp_path / "s.json")
+    assert data["messages"][0] == {"role": "user", "content": "Tell me about cats\nin two lines"}
+    assert [m["role"] for m in data["messages"]] == ["user", "assistant"]
+    assert " icanon " in (tmp_path / "stty").read_text() and " echo " in (tmp_path / "stty").read_text()
+    quit_with_eof(child)
+    quit_with_eof(edit("false", "the editor `false` exited with status 1; nothing was sent"))
+    quit_with_eof(edit("no-such-editor --wait", "no editor `no-such-editor` here; set $EDITOR to one you have"))
+    quit_with_eof(edit("sh -c ': > $0'", "nothing sent (the message was left empty)"))
+    assert not list((tmp_path / "tmp").iterdir())  # the message's file is gone
+
+
 def test_a_chat_is_kept_as_it_goes_and_continue_resumes_it(tiny_llama, tmp_path):
     sessions = tmp_path / "data" / "chat" / "sessions"
     child = spawn(tiny_llama, "--max-new-tokens", "3", tmp_path=tmp_path)
