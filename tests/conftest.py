@@ -102,6 +102,16 @@ def llama_artifact(tiny_llama, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def int8_artifact(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama exported for the CPU in float32 with int8 matmul weights (--quantize int8)."""
+    from helpers import ARTIFACT_MAX_LEN
+
+    from chat.export import export
+
+    return export(str(tiny_llama), tmp_path_factory.mktemp("ts") / "int8", max_len=ARTIFACT_MAX_LEN, quantize="int8")
+
+
+@pytest.fixture(scope="session")
 def demo_model() -> Path:
     """The real demo model; `make test` fetches it first, so in CI this never skips."""
     if not (DEMO_MODEL / ".complete").is_file():

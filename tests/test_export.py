@@ -20,6 +20,7 @@ from chat.backends.torchscript_backend import TorchScriptBackend
 from chat.backends.transformers_backend import TransformersBackend
 from chat.errors import ChatError, UsageError
 from chat.export import export
+from chat.export.model import quiet_torchscript
 from chat.generation import ReplyStream
 from chat.params import GenerationParams
 
@@ -89,6 +90,72 @@ def test_other_families_verify(tiny_llama, tmp_path, model_type):
     assert read_manifest(out)["model_type"] == model_type
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_export_verifies_on_the_same_rounded_weights_and_chats(request, tmp_path, model, dtype):
+    """--quantize int8: the matmul weights are int8 in the file, --verify holds the artifact to transformers
+    running the same rounded weights, and the chat says what it runs."""
+    if native.supported():
+        pytest.skip(f"int8 decodes on chat's native kernels: {native.supported()}")
+    messages = []
+    source = request.getfixturevalue(model)
+    out = export(
+        str(source), tmp_path / "art", dtype=dtype, max_len=128, quantize="int8", verify=True, progress=messages.append
+    )
+    assert sum("32 greedy tokens identical" in m for m in messages) == 3
+    assert read_manifest(out)["quantization"] == "int8"
+    backend = TorchScriptBackend(out)
+    try:
+        with quiet_torchscript():
+            buffers = dict(torch.jit.load(str(out / "model.ts")).named_buffers())
+        assert buffers["blocks.0.wqkv"].dtype == torch.int8 and buffers["blocks.0.wqkv_scale"].dtype == torch.float32
+        assert buffers["lm_head"].dtype == torch.int8 and buffers["embed"].dtype == getattr(torch, dtype)
+        assert backend.info.runs_on.startswith(f"{dtype}, int8 weights, native")
+        stream = ReplyStream(backend, [5, 6, 7], GenerationParams(max_new_tokens=6, temperature=0.0), None, [])
+        assert len(list(stream)) > 0 and stream.stats.new_tokens == 6
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_int8_logits_are_transformers_on_the_rounded_weights(request, tmp_path, model):
+    """Prefill and decode logits of a float32 int8 artifact against transformers running the same rounded
+    weights: the same numbers but for summing order (greedy tokens alone barely move on random weights)."""
+    if native.supported():
+        pytest.skip(f"int8 decodes on chat's native kernels: {native.supported()}")
+    from transformers import AutoModelForCausalLM
+
+    from chat.export.quantize import round_model_weights
+
+    source = request.getfixturevalue(model)
+    backend = TorchScriptBackend(export(str(source), tmp_path / "art", max_len=64, quantize="int8"))
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    round_model_weights(hf)
+    ids = [5, 9, 2, 7, 11, 3, 8]
+    try:
+        with torch.no_grad():
+            expected = hf(input_ids=torch.tensor([ids])).logits[0]
+        got = [backend.prefill(ids[:4])] + [backend.decode(token) for token in ids[4:]]
+        for step, logits in enumerate(got, start=3):
+            torch.testing.assert_close(logits.float(), expected[step], rtol=1e-4, atol=1e-4)
+    finally:
+        backend.close()
+
+
+def test_rounding_to_int8_is_per_row_and_rounding_twice_changes_nothing():
+    from chat.export.quantize import quantize_rows, round_to_int8
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 24) * torch.logspace(-3, 2, 40)[:, None]  # rows of very different sizes
+    w[3] = 0
+    q, scale = quantize_rows(w)
+    assert q.dtype == torch.int8 and q.abs().amax(dim=1)[w.abs().amax(dim=1) > 0].eq(127).all()
+    assert scale[3] == 1 and q[3].eq(0).all()
+    assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()  # half a step at most
+    once = round_to_int8(w)
+    assert torch.equal(quantize_rows(once)[0], q) and torch.allclose(round_to_int8(once), once, rtol=1e-6, atol=0)
+
+
 def test_tied_weights_are_stored_once(tiny_llama, tmp_path):
     out = export(str(tiny_llama), tmp_path / "art", max_len=32)
     weights = (tiny_llama / "model.safetensors").stat().st_size  # float32, embedding stored once
@@ -123,6 +190,10 @@ def test_refusals(tiny_llama, tmp_path):
     (other / "model.safetensors").write_bytes(b"")
     with pytest.raises(ChatError, match="'mamba' models to TorchScript is not supported yet"):
         export(str(other), tmp_path / "out")
+    with pytest.raises(UsageError, match="--quantize=int4: use int8"):
+        export(str(tiny_llama), tmp_path / "out", quantize="int4")
+    with pytest.raises(UsageError, match="--quantize int8 is for --device cpu"):
+        export(str(tiny_llama), tmp_path / "out", device="cuda", quantize="int8")
 
 
 def test_script_command_line(tiny_llama, tmp_path):

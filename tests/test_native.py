@@ -116,6 +116,59 @@ def test_silu_mul_matvec_is_a_gated_mlps_first_half(kernels, rows, cols):
         kernels.silu_mul_matvec(torch.randn(3, 16), torch.randn(16))
 
 
+def int8_rows(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random int8 weights over the whole range, and their rows' scales."""
+    return torch.randint(-127, 128, (rows, cols), dtype=torch.int8), torch.rand(rows) / 64 + 1e-4
+
+
+@pytest.mark.parametrize(("rows", "cols"), SHAPES)
+def test_int8_weights_are_summed_in_float32_then_scaled(kernels, rows, cols):
+    torch.manual_seed(rows * cols + 1)
+    (q, scales), x, r = int8_rows(rows, cols), torch.randn(cols), torch.randn(rows)
+    whole = q.float() * scales[:, None]  # what the int8 rows stand for
+    assert_sums_close(kernels.matvec(q, x, None, None, scales), whole, x)
+    assert_sums_close(kernels.add_matvec(r, q, x, scales), whole, x, r)
+    xb, rb = x.bfloat16(), r.bfloat16()
+    got, exact = kernels.matvec(q, xb, None, None, scales), whole.double() @ xb.double()
+    assert got.dtype == torch.bfloat16  # the activations' dtype
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
+    assert (kernels.add_matvec(rb, q, xb, scales) != rb + got).sum() == 0  # rounded product, then the add
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_silu_mul_matvec_and_weighted_norm(kernels, dtype):
+    torch.manual_seed(7)
+    (q, scales), x, norm_weight = int8_rows(3072, 576), (torch.randn(576) / 16).to(dtype), torch.rand(576).to(dtype)
+    gate, up = ((q.double() * scales.double()[:, None]) @ x.double()).chunk(2)
+    exact = F.silu(gate) * up
+    got = kernels.silu_mul_matvec(q, x, None, None, scales)
+    # float32: within summing order; bfloat16: within its rounding of gate, silu(gate) and the product
+    bound = exact.abs().max() * (1e-5 if dtype == torch.float32 else 2**-6)
+    assert got.dtype == dtype and (got.double() - exact).abs().max() <= bound
+    # With a norm: the same as the norm taken first, then the int8 product.
+    normed = kernels.matvec(torch.eye(576, dtype=dtype), x, 0.5, norm_weight)
+    torch.testing.assert_close(
+        kernels.matvec(q, x, 0.5, norm_weight, scales), kernels.matvec(q, normed, None, None, scales)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_gives_the_weights_int8_rows_stand_for(ops, dtype):
+    q, scales = int8_rows(300, 77)
+    got = ops.dequantize(q, scales, dtype)
+    assert got.dtype == dtype and torch.equal(got, (q.float() * scales[:, None]).to(dtype))
+
+
+def test_int8_weights_need_their_scales(ops):
+    q, scales = int8_rows(8, 16)
+    with pytest.raises(RuntimeError, match="int8 weights need their scales, float32, one per row"):
+        ops.matvec(q, torch.randn(16))
+    with pytest.raises(RuntimeError, match="int8 weights need their scales"):
+        ops.add_matvec(torch.randn(8), q, torch.randn(16), scales[:4])
+    with pytest.raises(RuntimeError, match="scales are for int8 weights only"):
+        ops.matvec(torch.randn(8, 16), torch.randn(16), None, None, scales)
+
+
 def test_matvec_on_strided_input_and_other_dtypes_uses_torchs_kernels(ops):
     w, x = torch.randn(64, 48), torch.randn(64)
     torch.testing.assert_close(ops.matvec(w.t(), x), torch.mv(w.t(), x), rtol=1e-5, atol=1e-5)
@@ -232,12 +285,13 @@ torch.save(logits, sys.argv[2])
 """
 
 
-def test_without_the_library_the_artifact_runs_on_torchs_kernels_and_says_so(llama_artifact, ops, tmp_path):
+@pytest.mark.parametrize("artifact", ["llama_artifact", "int8_artifact"])
+def test_without_the_library_the_artifact_runs_on_torchs_kernels_and_says_so(request, artifact, ops, tmp_path):
     """A missing library (another torch, no compiler) costs speed, not the chat: same logits, one note."""
     logits = {}
     for kind, cache in (("native", native.cache_dir()), ("fallback", tmp_path / "empty")):
         out = tmp_path / f"{kind}.pt"
-        done = run_python(FALLBACK_RUN, llama_artifact, out, CHAT_NATIVE_DIR=str(cache))
+        done = run_python(FALLBACK_RUN, request.getfixturevalue(artifact), out, CHAT_NATIVE_DIR=str(cache))
         assert done.stdout.splitlines()[0] == kind
         if kind == "fallback":
             assert "native kernels are not built" in done.stdout and "torch's own kernels" in done.stdout

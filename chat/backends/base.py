@@ -42,12 +42,15 @@ class BackendInfo:
     threads: int = 0  # CPU threads torch uses
     reason: str = ""  # why this backend was chosen (shown by !status)
     kernels: str = ""  # "native AVX-512" (or AVX2) when decode runs on chat's native CPU kernels (chat.native)
+    quantization: str = ""  # "int8" when the matmul weights are (export --quantize)
     notes: list[str] = field(default_factory=list)  # e.g. why auto fell back
 
     @property
     def runs_on(self) -> str:
-        """The dtype, and the kernels when they are chat's own: "bfloat16, native AVX-512 kernels"."""
-        return self.dtype + (f", {self.kernels} kernels" if self.kernels else "")
+        """The dtype, int8 weights if so, and the kernels when they are chat's own:
+        "float32, int8 weights, native AVX-512 kernels"."""
+        quantized = f", {self.quantization} weights" if self.quantization else ""
+        return self.dtype + quantized + (f", {self.kernels} kernels" if self.kernels else "")
 
 
 class ChatTokenizer(Protocol):

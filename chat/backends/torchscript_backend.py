@@ -83,6 +83,7 @@ class TorchScriptBackend:
             context_length=self.max_len,
             threads=torch.get_num_threads(),
             kernels=kernels,
+            quantization=manifest.get("quantization") or "",
             notes=notes,
         )
         self._device = device

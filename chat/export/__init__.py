@@ -57,10 +57,12 @@ def export(
     device: str = "cpu",
     dtype: str = "float32",
     max_len: int | None = None,
+    quantize: str | None = None,
     verify: bool = False,
     progress: Progress = lambda message: None,
 ) -> Path:
-    """Write the artifact of `model` (a directory or Hub id) to `outdir`, atomically; return outdir."""
+    """Write the artifact of `model` (a directory or Hub id) to `outdir`, atomically; return outdir.
+    quantize="int8": matmul weights as int8 with a scale per row (chat.export.quantize; CPU only)."""
     from chat.backends.base import LoadOptions
     from chat.backends.hub import locate_model
     from chat.backends.transformers_backend import check_model_dir, resolve_device
@@ -70,6 +72,10 @@ def export(
         raise UsageError(f"--dtype={dtype}: use float32, bfloat16 or float16")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device={device}: use cpu or cuda")
+    if quantize not in (None, "int8"):
+        raise UsageError(f"--quantize={quantize}: use int8 (or leave it out)")
+    if quantize and device != "cpu":
+        raise UsageError("--quantize int8 is for --device cpu (a GPU step is bound by kernel launches, not bytes)")
     torch_device = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
     outdir = Path(outdir).expanduser().resolve()
@@ -95,21 +101,31 @@ def export(
     except Exception as why:  # transformers raises many kinds; the user needs one line
         first = (str(why).strip().splitlines() or [type(why).__name__])[0][:200]
         raise ChatError(f"transformers could not load {source} ({first}); check or download the model again") from None
+    native_ops = torch_device.type == "cpu" and _native_kernels(progress)
+    if quantize and not native_ops:
+        raise ChatError(f"--quantize int8 decodes on chat's native kernels, which cannot run here ({native.why_not()})")
+    if quantize:
+        from chat.export.quantize import quantize_weights, round_model_weights
+
+        progress("rounding the matmul weights to int8, one scale per row")
+        round_model_weights(hf)  # --verify compares with transformers on these same weights
     max_len = context_limit(hf.config, max_len)
     shape, top, layers, rope = convert(hf, max_len)
+    if quantize:
+        top, layers = quantize_weights(top, layers)
 
     progress(f"building the {shape.family} module: {shape.layers} layers, {dtype}, {device}, max_len {max_len}")
 
     converted: dict[int, torch.Tensor] = {}  # by source tensor, so tied weights stay one tensor in the file
 
     def cast(weights: dict) -> dict:
-        for v in weights.values():
+        for name, v in weights.items():
             if v is not None and id(v) not in converted:
-                converted[id(v)] = v.to(device=torch_device, dtype=torch_dtype)
+                kept = v.dtype == torch.int8 or name.endswith("_scale")  # int8 weights and their float32 scales
+                converted[id(v)] = v.to(torch_device) if kept else v.to(device=torch_device, dtype=torch_dtype)
         return {k: None if v is None else converted[id(v)] for k, v in weights.items()}
 
     table = None if rope is None else (rope[0].to(torch_device, torch_dtype), rope[1].to(torch_device, torch_dtype))
-    native_ops = torch_device.type == "cpu" and _native_kernels(progress)
     lean = LeanLM(
         shape,
         cast(top),
@@ -152,6 +168,7 @@ def export(
                 "shape": dataclasses.asdict(shape),
                 "torch_version": torch.__version__,
                 "ops": [native.OPS] if native_ops else [],
+                "quantization": quantize,
                 "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )

@@ -12,6 +12,8 @@ weights are folded into the next matmul's weights, residual adds ride on addmv (
 token's RoPE is one small matmul: a layer of decode is 26 graph ops instead of 31. Where chat's native
 kernels are built (chat.native), CPU decode runs on them instead: a layer is five ops (q/k/v product with its
 norm, RoPE + cache write + attention, output product + residual, gate/up + SiLU, down product + residual).
+With int8 weights (chat.export.quantize) each matmul weight has its rows' scales beside it (name + "_scale"):
+decode's native kernels read the int8 rows, and prefill multiplies by the weights made whole again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ Weights = dict[str, torch.Tensor | None]
 # An RMSNorm left to a native kernel: its eps term sqrt(hidden * eps), and its weight (None where the weight
 # is folded into the matmul's, with sqrt(hidden): the float32 CPU path).
 RmsNorm = tuple[float, torch.Tensor | None] | None
+MATMUL_WEIGHTS = ("wqkv", "wo", "wup", "wdown")  # a layer's; int8 with --quantize, as is the output head
 
 
 @dataclass
@@ -76,15 +79,19 @@ def linear(
     transposed: bool,
     native: bool = False,
     norm: RmsNorm = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ W.T + b for a weight stored (out, in), or x @ W + b for one stored (in, out); x is 1-D at decode.
-    native: one token's product on chat's native kernels, which apply x's RMSNorm first if `norm` is given."""
+    native: one token's product on chat's native kernels, which apply x's RMSNorm first if `norm` is given.
+    scale: w is int8, row i standing for w[i] * scale[i] (only with native)."""
     if transposed:
         y = torch.matmul(x, w)
         return y if b is None else y + b
     if native and x.dim() == 1:
-        y = torch.ops.chat.matvec(w, x, *(norm or ()))
+        y = torch.ops.chat.matvec(w, x, *(norm or (None, None)), scale)
         return y if b is None else y + b
+    if scale is not None:
+        return F.linear(x, torch.ops.chat.dequantize(w, scale, x.dtype), b)
     if x.dim() == 1:
         return torch.mv(w, x) if b is None else torch.addmv(b, w, x)
     return F.linear(x, w, b)
@@ -98,13 +105,16 @@ class Layer(nn.Module):
         self.for_cuda = for_cuda
         self.fewest_ops = fewest_ops
         self.native = native
-        self.fold_norms = fewest_ops and shape.norm == "rms"
+        quantized = w["wqkv"].dtype == torch.int8
+        # int8 weights hold the rounded weights as transformers would run them (see chat.export.quantize).
+        self.fold_norms = fewest_ops and shape.norm == "rms" and not quantized
         self.eps_root = eps_term(shape)  # for the native kernels
         if self.fold_norms:
             # The norm weight and sqrt(hidden) (see unit_norm) scale the matmul's inputs: into the weight's columns.
             root = shape.hidden_size**0.5
             w = dict(w, wqkv=w["wqkv"] * (w["ln1"] * root), wup=w["wup"] * (w["ln2"] * root), ln1=None, ln2=None)
         self.register_buffer("norm_eps", _eps_root(shape, for_cuda, w["wqkv"].device))
+        w = {**{name + "_scale": None for name in MATMUL_WEIGHTS}, **w}
         for name, tensor in w.items():
             if name in transposed and tensor is not None:
                 tensor = tensor.t().contiguous()
@@ -125,7 +135,7 @@ class Layer(nn.Module):
         s, t = self.shape, self.transposed
         one = x.dim() == 1  # decided at trace time: decode has fewer reshapes
         h, norm = self._norm_for(x, self.ln1, self.ln1_b)
-        qkv = linear(h, self.wqkv, self.bqkv, "wqkv" in t, self.native, norm)
+        qkv = linear(h, self.wqkv, self.bqkv, "wqkv" in t, self.native, norm, self.wqkv_scale)
         if self.native and one:  # RoPE, the cache write and attention in one op
             cos, sin = rope if isinstance(rope, tuple) else (None, None)
             out = torch.ops.chat.cache_attend(qkv, cos, sin, self.k_cache, self.v_cache, positions, window)
@@ -134,14 +144,14 @@ class Layer(nn.Module):
         x = self._add_linear(x, out, self.wo, self.bo, "wo")
         h, norm = self._norm_for(x, self.ln2, self.ln2_b)
         if s.activation == "silu" and self.native and one and self.bup is None:
-            h = torch.ops.chat.silu_mul_matvec(self.wup, h, *(norm or ()))
+            h = torch.ops.chat.silu_mul_matvec(self.wup, h, *(norm or (None, None)), self.wup_scale)
         elif s.activation == "silu":
-            gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native, norm).chunk(2, dim=-1)
+            gate, up = linear(h, self.wup, self.bup, "wup" in t, self.native, norm, self.wup_scale).chunk(2, dim=-1)
             # On CPU in place (gate is a fresh matmul output): no new (tokens, intermediate) tensors, 11-13% off a
             # 512-token prefill and 3-4% off decode; CUDA keeps the out-of-place form its fuser makes one kernel.
             h = F.silu(gate) * up if self.for_cuda else F.silu(gate, inplace=True).mul_(up)
         else:
-            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t, self.native, norm), approximate="tanh")
+            h = F.gelu(linear(h, self.wup, self.bup, "wup" in t, self.native, norm, self.wup_scale), approximate="tanh")
         return self._add_linear(x, h, self.wdown, self.bdown, "wdown")
 
     def _attention(
@@ -201,14 +211,15 @@ class Layer(nn.Module):
         """x + linear(h); on the CPU float32 path the add rides in the matmul where it can: addmv at decode (one op
         fewer), addmm at prefill (MKL adds with beta=1 instead of a pass over x: 5% of a 512-token prefill);
         on the native kernels at decode, always."""
+        scale = getattr(self, name + "_scale")
         if self.native and h.dim() == 1 and b is None:
-            return torch.ops.chat.add_matvec(x, w, h)
-        if self.fewest_ops and b is None:
+            return torch.ops.chat.add_matvec(x, w, h, scale)
+        if self.fewest_ops and b is None and scale is None:
             if h.dim() == 2:
                 return torch.addmm(x, h, w if name in self.transposed else w.t())
             if name not in self.transposed:
                 return torch.addmv(x, w, h)
-        return x + linear(h, w, b, name in self.transposed, self.native)
+        return x + linear(h, w, b, name in self.transposed, self.native, scale=scale)
 
 
 class LeanLM(nn.Module):
@@ -238,6 +249,7 @@ class LeanLM(nn.Module):
             else:
                 top["lm_head"] = top["lm_head"].t().contiguous()
         self.embed_transposed = self.head_transposed and top["lm_head"] is None
+        top.setdefault("lm_head_scale", None)  # int8 head (see chat.export.quantize)
         for name, tensor in top.items():
             self.register_buffer(name, tensor)
         self.register_buffer("norm_eps", _eps_root(shape, for_cuda, top["embed"].device))
@@ -273,9 +285,10 @@ class LeanLM(nn.Module):
         x = x if one else x[-1]
         head = self.embed if self.lm_head is None else self.lm_head
         if self.native and self.shape.norm == "rms":  # the kernel applies the final norm
-            return linear(x, head, None, self.head_transposed, True, (eps_term(self.shape), self.norm_w))
+            norm = (eps_term(self.shape), self.norm_w)
+            return linear(x, head, None, self.head_transposed, True, norm, self.lm_head_scale)
         x = _norm(self.shape, x, self.norm_w, self.norm_b, self.for_cuda, self.norm_eps)
-        return linear(x, head, None, self.head_transposed, self.native)
+        return linear(x, head, None, self.head_transposed, self.native, scale=self.lm_head_scale)
 
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
         """Run a chunk of tokens at `positions` (the keys are `window`, up to the chunk's end); last logits."""

@@ -1,8 +1,9 @@
 """chat's native CPU kernels (kernels.cpp): the ops of one decoded token's layer, as torch ops.
 
 torch.ops.chat.matvec (w @ x, optionally of x's RMSNorm), silu_mul_matvec (a gated MLP's first half),
-add_matvec (r + w @ x) and cache_attend (RoPE, the cache write and attention for one token): kernels.cpp
-says what each does. CPU artifacts exported where the kernels are built call them at decode; their
+add_matvec (r + w @ x), cache_attend (RoPE, the cache write and attention for one token) and dequantize
+(int8 weights made whole, for prefill): kernels.cpp says what each does; the matvecs take int8 weights with
+their rows' scales too. CPU artifacts exported where the kernels are built call them at decode; their
 manifest lists "chat" in "ops".
 
 The kernels are compiled once per machine, torch version and source (about 10 s of g++ against torch's
@@ -181,11 +182,16 @@ def _register_fallback() -> None:
         unit = unit_norm(x.float(), torch.tensor(eps_root))
         return unit.to(x.dtype) if weight is None else weight * (unit * x.numel() ** 0.5).to(x.dtype)
 
-    def matvec(w, x, eps_root=None, norm_weight=None):
-        return torch.mv(w, rms_norm(x, eps_root, norm_weight))
+    def mv(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        if scales is None:
+            return torch.mv(w, x)
+        return (torch.mv(w.float(), x.float()) * scales).to(x.dtype)  # int8 rows: summed in float32, then scaled
 
-    def silu_mul_matvec(w, x, eps_root=None, norm_weight=None):
-        gate, up = matvec(w, x, eps_root, norm_weight).chunk(2)
+    def matvec(w, x, eps_root=None, norm_weight=None, scales=None):
+        return mv(w, rms_norm(x, eps_root, norm_weight), scales)
+
+    def silu_mul_matvec(w, x, eps_root=None, norm_weight=None, scales=None):
+        gate, up = matvec(w, x, eps_root, norm_weight, scales).chunk(2)
         return F.silu(gate) * up
 
     def cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window):  # see kernels.cpp
@@ -204,14 +210,22 @@ def _register_fallback() -> None:
         return F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n]).reshape(-1)
 
     _fallback = torch.library.Library(OPS, "DEF")
+    matvec_schema = (
+        "(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None, Tensor? scales=None) -> Tensor"
+    )
     for name, schema, kernel in (
-        ("matvec", "(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None) -> Tensor", matvec),
+        ("matvec", matvec_schema, matvec),
+        ("silu_mul_matvec", matvec_schema, silu_mul_matvec),
         (
-            "silu_mul_matvec",
-            "(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None) -> Tensor",
-            silu_mul_matvec,
+            "add_matvec",
+            "(Tensor r, Tensor w, Tensor x, Tensor? scales=None) -> Tensor",
+            lambda r, w, x, scales=None: r + mv(w, x, scales),
         ),
-        ("add_matvec", "(Tensor r, Tensor w, Tensor x) -> Tensor", lambda r, w, x: r + torch.mv(w, x)),
+        (
+            "dequantize",
+            "(Tensor w, Tensor scales, ScalarType dtype) -> Tensor",
+            lambda w, scales, dtype: (w.float() * scales.unsqueeze(1)).to(dtype),
+        ),
         (
             "cache_attend",
             "(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "

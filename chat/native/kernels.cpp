@@ -8,12 +8,15 @@
 // the AVX2 form on AVX-512 CPUs without its bfloat16 part); CPUs with neither get torch's own kernels.
 // $CHAT_NATIVE_ISA=avx2 (or torch) caps the choice, to test or compare the narrower forms on a wider CPU.
 //
-// Ops (schemas at the end), for w (n, k) and x (k,) of one dtype, float32 or bfloat16:
-//   chat::matvec(w, x, unit_norm, norm_weight) = w @ x, or w @ rmsnorm(x) when unit_norm (the norm's eps term)
-//     is given: with norm_weight the norm as the exported module computes it (see rms_norm), without it
-//     in float32 for a weight that holds the norm's weight (see unit_norm_scale);
-//   chat::silu_mul_matvec(w, x, unit_norm, norm_weight) = silu(gate) * up of the same, w = [gate; up];
-//   chat::add_matvec(r, w, x) = r + w @ x;
+// Ops (schemas at the end), for w (n, k) and x (k,) of one dtype, float32 or bfloat16, or w of int8 with
+// `scales`, one float32 per row (weights exported with --quantize int8: row i is w[i] * scales[i]; the
+// products are summed in float32, then scaled, and the result has x's dtype):
+//   chat::matvec(w, x, unit_norm, norm_weight, scales) = w @ x, or w @ rmsnorm(x) when unit_norm (the norm's
+//     eps term) is given: with norm_weight the norm as the exported module computes it (see rms_norm),
+//     without it in float32 for a weight that holds the norm's weight (see unit_norm_scale);
+//   chat::silu_mul_matvec(w, x, unit_norm, norm_weight, scales) = silu(gate) * up of the same, w = [gate; up];
+//   chat::add_matvec(r, w, x, scales) = r + w @ x;
+//   chat::dequantize(w, scales, dtype) = int8 w times its rows' scales, in dtype (a prefill's weights);
 //   chat::cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window) = RoPE, the cache write and
 //     attention over the filled cache, for one token: the attention half of a decode layer in one op.
 // bfloat16 results round as torch's ops would, step by step (a product to bfloat16, then the sum with r:
@@ -115,30 +118,46 @@ CHAT_AVX512_BF16 void dot_rows_bf16(
   }
 }
 
-template <typename Store>
-__attribute__((target("avx512f"))) void dot_rows_f32(
-    const float* w, const float* x, int64_t first, int64_t last, int64_t k, const Store& store) {
+// 16 values as float32 lanes: float32, bfloat16 (widened exactly) or int8 (converted exactly).
+CHAT_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+CHAT_AVX512 inline __m512 load16(const at::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+CHAT_AVX512 inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// The lanes of mask only, zeros in the others.
+CHAT_AVX512 inline __m512 load16_tail(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
+CHAT_AVX512 inline __m512 load16_tail(__mmask16 mask, const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, p)));
+}
+
+// dot_rows_bf16 for float32 x and weights of float32 or int8 (the int8 sums not yet scaled).
+template <typename W, typename Store>
+CHAT_AVX512 void dot_rows_wide(const W* w, const float* x, int64_t first, int64_t last, int64_t k, const Store& store) {
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line: one prefetch each
   const int64_t tail = k % 16;
   const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1);
   int64_t r = first;
   for (; r + kRows <= last; r += kRows) {
-    const float* row = w + r * k;
+    const W* row = w + r * k;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     int64_t c = 0;
     for (; c + 16 <= k; c += 16) {
-      prefetch_next_block(row, k, c);
+      if (c % kLine == 0) prefetch_next_block(row, k, c);
       const __m512 xv = _mm512_loadu_ps(x + c);
-      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(row + c), xv, s0);
-      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(row + k + c), xv, s1);
-      s2 = _mm512_fmadd_ps(_mm512_loadu_ps(row + 2 * k + c), xv, s2);
-      s3 = _mm512_fmadd_ps(_mm512_loadu_ps(row + 3 * k + c), xv, s3);
+      s0 = _mm512_fmadd_ps(load16(row + c), xv, s0);
+      s1 = _mm512_fmadd_ps(load16(row + k + c), xv, s1);
+      s2 = _mm512_fmadd_ps(load16(row + 2 * k + c), xv, s2);
+      s3 = _mm512_fmadd_ps(load16(row + 3 * k + c), xv, s3);
     }
     if (tail) {
       const __m512 xv = _mm512_maskz_loadu_ps(tail_mask, x + c);
-      s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + c), xv, s0);
-      s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + k + c), xv, s1);
-      s2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + 2 * k + c), xv, s2);
-      s3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + 3 * k + c), xv, s3);
+      s0 = _mm512_fmadd_ps(load16_tail(tail_mask, row + c), xv, s0);
+      s1 = _mm512_fmadd_ps(load16_tail(tail_mask, row + k + c), xv, s1);
+      s2 = _mm512_fmadd_ps(load16_tail(tail_mask, row + 2 * k + c), xv, s2);
+      s3 = _mm512_fmadd_ps(load16_tail(tail_mask, row + 3 * k + c), xv, s3);
     }
     store(r, _mm512_reduce_add_ps(s0));
     store(r + 1, _mm512_reduce_add_ps(s1));
@@ -146,11 +165,11 @@ __attribute__((target("avx512f"))) void dot_rows_f32(
     store(r + 3, _mm512_reduce_add_ps(s3));
   }
   for (; r < last; ++r) {
-    const float* row = w + r * k;
+    const W* row = w + r * k;
     __m512 s = _mm512_setzero_ps();
     int64_t c = 0;
-    for (; c + 16 <= k; c += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(row + c), _mm512_loadu_ps(x + c), s);
-    if (tail) s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail_mask, row + c), _mm512_maskz_loadu_ps(tail_mask, x + c), s);
+    for (; c + 16 <= k; c += 16) s = _mm512_fmadd_ps(load16(row + c), _mm512_loadu_ps(x + c), s);
+    if (tail) s = _mm512_fmadd_ps(load16_tail(tail_mask, row + c), _mm512_maskz_loadu_ps(tail_mask, x + c), s);
     store(r, _mm512_reduce_add_ps(s));
   }
 }
@@ -161,6 +180,9 @@ CHAT_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 CHAT_AVX2 inline __m256 load8(const at::BFloat16* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+CHAT_AVX2 inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 // The first `count` (< 8) values at p, zeros after.
 template <typename T>
@@ -185,10 +207,10 @@ CHAT_AVX2 inline float reduce_max8(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-// dot_rows_f32 and dot_rows_bf16 in AVX2, for either dtype.
-template <typename T, typename Store>
-CHAT_AVX2 void dot_rows_avx2(const T* w, const T* x, int64_t first, int64_t last, int64_t k, const Store& store) {
-  constexpr int64_t kLine = 64 / sizeof(T);  // values per cache line: one prefetch each
+// dot_rows_wide and dot_rows_bf16 in AVX2: weights T of float32, bfloat16 or int8, x of float32 or bfloat16.
+template <typename T, typename X, typename Store>
+CHAT_AVX2 void dot_rows_avx2(const T* w, const X* x, int64_t first, int64_t last, int64_t k, const Store& store) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line: one prefetch each
   const int64_t tail = k % 8, body = k - tail;
   int64_t r = first;
   for (; r + kRows <= last; r += kRows) {
@@ -223,36 +245,71 @@ CHAT_AVX2 void dot_rows_avx2(const T* w, const T* x, int64_t first, int64_t last
   }
 }
 
+// An op's int8 weights come with their scales (float32, one per row), and other weights without.
+void check_scales(const at::Tensor& w, const std::optional<at::Tensor>& scales, const char* op) {
+  if (w.scalar_type() != at::kChar) {
+    TORCH_CHECK(!scales, op, ": scales are for int8 weights only");
+    return;
+  }
+  TORCH_CHECK(scales && scales->scalar_type() == at::kFloat && scales->dim() == 1 && w.dim() == 2 &&
+                  scales->size(0) == w.size(0),
+              op, ": int8 weights need their scales, float32, one per row");
+}
+
 // The kernels' form for w @ x (kTorch: torch's own kernels, for shapes, dtypes and CPUs they do not take).
 Isa matvec_form(const at::Tensor& w, const at::Tensor& x) {
   static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
-  if (!w.device().is_cpu() || w.dim() != 2 || x.dim() != 1 || w.scalar_type() != x.scalar_type() ||
-      w.size(1) != x.size(0) || w.size(1) == 0) {
+  const bool int8 = w.scalar_type() == at::kChar;
+  const bool x_ok = int8 ? x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16
+                         : w.scalar_type() == x.scalar_type();
+  if (!w.device().is_cpu() || w.dim() != 2 || x.dim() != 1 || !x_ok || w.size(1) != x.size(0) || w.size(1) == 0) {
     return Isa::kTorch;
   }
   const Isa widest = isa();
-  if (w.scalar_type() == at::kFloat) return widest;
+  if (int8 || w.scalar_type() == at::kFloat) return widest;
   if (w.scalar_type() != at::kBFloat16) return Isa::kTorch;
   return widest == Isa::kAvx512 && !has_bf16 ? Isa::kAvx2 : widest;
 }
 
 // w @ x split between torch's threads in blocks of kRows rows; store(row, float32 sum) writes each result.
-template <typename T, typename Store>
+template <typename W, typename X, typename Store>
 void dot_rows(Isa form, const at::Tensor& w, const at::Tensor& x, const Store& store) {
   const int64_t n = w.size(0), k = w.size(1);
-  const T* wp = w.data_ptr<T>();
-  const T* xp = x.data_ptr<T>();
+  const W* wp = w.data_ptr<W>();
+  const X* xp = x.data_ptr<X>();
   const bool wide = form == Isa::kAvx512;
   at::parallel_for(0, (n + kRows - 1) / kRows, kGrain, [&](int64_t begin, int64_t end) {
     const int64_t first = begin * kRows, last = std::min(n, end * kRows);
     if (!wide) {
       dot_rows_avx2(wp, xp, first, last, k, store);
-    } else if constexpr (std::is_same_v<T, float>) {
-      dot_rows_f32(wp, xp, first, last, k, store);
-    } else {
+    } else if constexpr (std::is_same_v<W, at::BFloat16>) {
       dot_rows_bf16(wp, xp, first, last, k, store);
+    } else {
+      dot_rows_wide(wp, xp, first, last, k, store);
     }
   });
+}
+
+// w @ x (contiguous, in a form matvec_form gave) as float32 sums, store(row, sum) writing each: w of x's dtype,
+// or int8, whose sums over x in float32 are then scaled by their rows' scales.
+template <typename Store>
+void row_sums(Isa form, const at::Tensor& w, const at::Tensor& x, const std::optional<at::Tensor>& scales,
+              const Store& store) {
+  if (w.scalar_type() == at::kChar) {
+    const at::Tensor x32 = x.to(at::kFloat).contiguous(), s = scales->contiguous();
+    const float* sp = s.data_ptr<float>();
+    dot_rows<int8_t, float>(form, w, x32, [sp, &store](int64_t i, float sum) { store(i, sum * sp[i]); });
+  } else if (w.scalar_type() == at::kFloat) {
+    dot_rows<float, float>(form, w, x, store);
+  } else {
+    dot_rows<at::BFloat16, at::BFloat16>(form, w, x, store);
+  }
+}
+
+// w @ x on torch's own kernels (the kTorch form); int8 weights are summed in float32, then scaled.
+at::Tensor mv_torch(const at::Tensor& w, const at::Tensor& x, const std::optional<at::Tensor>& scales) {
+  if (!scales) return at::mv(w, x);
+  return (at::mv(w.to(at::kFloat), x.to(at::kFloat)) * *scales).to(x.scalar_type());
 }
 
 // sqrt(sum(x^2) + eps_root^2), summed in double: the divisor of both RMSNorm forms below.
@@ -304,21 +361,22 @@ at::Tensor rms_norm(const at::Tensor& x_in, double eps_root, const at::Tensor& w
 }
 
 at::Tensor matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<double> unit_norm,
-                  const std::optional<at::Tensor>& norm_weight) {
-  if (unit_norm && norm_weight) return matvec(w_in, rms_norm(x_in, *unit_norm, *norm_weight), {}, {});
+                  const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& scales) {
+  check_scales(w_in, scales, "chat::matvec");
+  if (unit_norm && norm_weight) return matvec(w_in, rms_norm(x_in, *unit_norm, *norm_weight), {}, {}, scales);
   const Isa form = matvec_form(w_in, x_in);
   if (form == Isa::kTorch || (unit_norm && x_in.scalar_type() != at::kFloat)) {
-    return at::mv(w_in, unit_norm_fallback(x_in, unit_norm));
+    return mv_torch(w_in, unit_norm_fallback(x_in, unit_norm), scales);
   }
   const at::Tensor w = w_in.contiguous(), x = x_in.contiguous();
-  at::Tensor out = at::empty({w.size(0)}, w.options());
-  if (w.scalar_type() == at::kFloat) {
+  at::Tensor out = at::empty({w.size(0)}, x.options());
+  if (x.scalar_type() == at::kFloat) {
     float* o = out.data_ptr<float>();
-    const float scale = unit_norm_scale(x, unit_norm);
-    dot_rows<float>(form, w, x, [o, scale](int64_t i, float s) { o[i] = s * scale; });
+    const float norm_scale = unit_norm_scale(x, unit_norm);
+    row_sums(form, w, x, scales, [o, norm_scale](int64_t i, float s) { o[i] = s * norm_scale; });
   } else {
     at::BFloat16* o = out.data_ptr<at::BFloat16>();
-    dot_rows<at::BFloat16>(form, w, x, [o](int64_t i, float s) { o[i] = at::BFloat16(s); });
+    row_sums(form, w, x, scales, [o](int64_t i, float s) { o[i] = at::BFloat16(s); });
   }
   return out;
 }
@@ -402,25 +460,28 @@ void silu_products(Isa form, const float* gate, const float* up, float* out, int
 // silu(gate) * up for w holding the gate rows, then the up rows: one op for a gated MLP's first half. In
 // bfloat16 each step rounds as torch's ops do: gate and up, silu(gate), then the product.
 at::Tensor silu_mul_matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::optional<double> unit_norm,
-                           const std::optional<at::Tensor>& norm_weight) {
+                           const std::optional<at::Tensor>& norm_weight, const std::optional<at::Tensor>& scales) {
   TORCH_CHECK(w_in.dim() == 2 && w_in.size(0) % 2 == 0, "chat::silu_mul_matvec: w needs an even number of rows");
-  if (unit_norm && norm_weight) return silu_mul_matvec(w_in, rms_norm(x_in, *unit_norm, *norm_weight), {}, {});
+  check_scales(w_in, scales, "chat::silu_mul_matvec");
+  if (unit_norm && norm_weight) {
+    return silu_mul_matvec(w_in, rms_norm(x_in, *unit_norm, *norm_weight), {}, {}, scales);
+  }
   const int64_t half = w_in.size(0) / 2;
   const Isa form = matvec_form(w_in, x_in);
   if (form == Isa::kTorch || (unit_norm && x_in.scalar_type() != at::kFloat)) {
-    const auto gate_up = at::mv(w_in, unit_norm_fallback(x_in, unit_norm)).chunk(2);
+    const auto gate_up = mv_torch(w_in, unit_norm_fallback(x_in, unit_norm), scales).chunk(2);
     return at::silu(gate_up[0]) * gate_up[1];
   }
   const at::Tensor w = w_in.contiguous(), x = x_in.contiguous();
   std::vector<float> sums(w.size(0));
   float* sp = sums.data();
-  const float scale = w.scalar_type() == at::kFloat ? unit_norm_scale(x, unit_norm) : 1.0f;
-  at::Tensor out = at::empty({half}, w.options());
-  if (w.scalar_type() == at::kFloat) {
-    dot_rows<float>(form, w, x, [sp, scale](int64_t i, float s) { sp[i] = s * scale; });
+  at::Tensor out = at::empty({half}, x.options());
+  if (x.scalar_type() == at::kFloat) {
+    const float norm_scale = unit_norm_scale(x, unit_norm);
+    row_sums(form, w, x, scales, [sp, norm_scale](int64_t i, float s) { sp[i] = s * norm_scale; });
     silu_products(form, sp, sp + half, out.data_ptr<float>(), half, false);
   } else {
-    dot_rows<at::BFloat16>(form, w, x, [sp](int64_t i, float s) { sp[i] = static_cast<float>(at::BFloat16(s)); });
+    row_sums(form, w, x, scales, [sp](int64_t i, float s) { sp[i] = static_cast<float>(at::BFloat16(s)); });
     silu_products(form, sp, sp + half, sp, half, true);
     at::BFloat16* o = out.data_ptr<at::BFloat16>();
     for (int64_t i = 0; i < half; ++i) o[i] = at::BFloat16(sp[i]);
@@ -428,34 +489,54 @@ at::Tensor silu_mul_matvec(const at::Tensor& w_in, const at::Tensor& x_in, std::
   return out;
 }
 
-at::Tensor add_matvec(const at::Tensor& r_in, const at::Tensor& w_in, const at::Tensor& x_in) {
+at::Tensor add_matvec(const at::Tensor& r_in, const at::Tensor& w_in, const at::Tensor& x_in,
+                      const std::optional<at::Tensor>& scales) {
+  check_scales(w_in, scales, "chat::add_matvec");
   const Isa form = matvec_form(w_in, x_in);
-  if (form == Isa::kTorch || r_in.scalar_type() != w_in.scalar_type() || r_in.dim() != 1 ||
+  if (form == Isa::kTorch || r_in.scalar_type() != x_in.scalar_type() || r_in.dim() != 1 ||
       r_in.size(0) != w_in.size(0)) {
-    return r_in + at::mv(w_in, x_in);
+    return r_in + mv_torch(w_in, x_in, scales);
   }
   const at::Tensor w = w_in.contiguous(), x = x_in.contiguous(), r = r_in.contiguous();
-  at::Tensor out = at::empty({w.size(0)}, w.options());
-  if (w.scalar_type() == at::kFloat) {
+  at::Tensor out = at::empty({w.size(0)}, x.options());
+  if (x.scalar_type() == at::kFloat) {
     float* o = out.data_ptr<float>();
     const float* rp = r.data_ptr<float>();
-    dot_rows<float>(form, w, x, [o, rp](int64_t i, float s) { o[i] = rp[i] + s; });
+    row_sums(form, w, x, scales, [o, rp](int64_t i, float s) { o[i] = rp[i] + s; });
   } else {
     at::BFloat16* o = out.data_ptr<at::BFloat16>();
     const at::BFloat16* rp = r.data_ptr<at::BFloat16>();
     // The product rounds to bfloat16 before the add, as torch's mv then add would.
-    dot_rows<at::BFloat16>(form, w, x, [o, rp](int64_t i, float s) {
+    row_sums(form, w, x, scales, [o, rp](int64_t i, float s) {
       o[i] = at::BFloat16(static_cast<float>(rp[i]) + static_cast<float>(at::BFloat16(s)));
     });
   }
   return out;
 }
 
-// 16 features of a cached key or value as float32.
-CHAT_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-CHAT_AVX512 inline __m512 load16(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+// int8 weights times their rows' scales, as a tensor of dtype: the weights of a prefill's matmul (many tokens
+// at once, where a matmul on torch's kernels beats a pass of the int8 weights per token).
+at::Tensor dequantize(const at::Tensor& w_in, const at::Tensor& scales, at::ScalarType dtype) {
+  check_scales(w_in, scales, "chat::dequantize");
+  if (dtype != at::kFloat && dtype != at::kBFloat16) return (w_in.to(at::kFloat) * scales.unsqueeze(1)).to(dtype);
+  const at::Tensor w = w_in.contiguous(), s = scales.contiguous();
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(dtype));
+  const int64_t k = w.size(1);
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  auto fill = [&](auto* o) {
+    at::parallel_for(0, w.size(0), kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (int64_t c = 0; c < k; ++c) o[i * k + c] = static_cast<float>(wp[i * k + c]) * sp[i];
+      }
+    });
+  };
+  if (dtype == at::kFloat) {
+    fill(out.data_ptr<float>());
+  } else {
+    fill(out.data_ptr<at::BFloat16>());
+  }
+  return out;
 }
 
 constexpr int64_t kMaxGroups = 16;    // query heads per kv head
@@ -770,9 +851,12 @@ std::string instruction_set() {
 }  // namespace
 
 TORCH_LIBRARY(chat, m) {
-  m.def("matvec(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None) -> Tensor");
-  m.def("silu_mul_matvec(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None) -> Tensor");
-  m.def("add_matvec(Tensor r, Tensor w, Tensor x) -> Tensor");
+  m.def("matvec(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None, Tensor? scales=None) -> Tensor");
+  m.def(
+      "silu_mul_matvec(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None, Tensor? scales=None) "
+      "-> Tensor");
+  m.def("add_matvec(Tensor r, Tensor w, Tensor x, Tensor? scales=None) -> Tensor");
+  m.def("dequantize(Tensor w, Tensor scales, ScalarType dtype) -> Tensor");
   m.def(
       "cache_attend(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
       "Tensor window) -> Tensor");
@@ -783,5 +867,6 @@ TORCH_LIBRARY_IMPL(chat, CPU, m) {
   m.impl("matvec", &matvec);
   m.impl("silu_mul_matvec", &silu_mul_matvec);
   m.impl("add_matvec", &add_matvec);
+  m.impl("dequantize", &dequantize);
   m.impl("cache_attend", &cache_attend);
 }
