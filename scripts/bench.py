@@ -10,7 +10,9 @@ Usage:
 Options:
   --model=DIR      a model directory [default: models/smollm2-135m-instruct]
   --device=DEVICE  cpu or cuda; auto takes cuda when there is one [default: auto]
-  --dtypes=LIST    comma-separated dtypes; default: bfloat16,float32 on CPU, bfloat16 on CUDA
+  --dtypes=LIST    comma-separated dtypes; default: bfloat16,float32 on CPU, bfloat16 on CUDA. DTYPE-int8
+                   (float32-int8, say) measures an artifact exported with --quantize int8 against
+                   transformers in DTYPE
   --prompts=LIST   prompt lengths in tokens [default: 64,512]
   --new-tokens=N   tokens generated per reply, EOS ignored [default: 256]
   --repeats=N      runs per prompt and backend; the best is reported (the machine may be shared) [default: 3]
@@ -20,7 +22,8 @@ Options:
 Every measurement runs in its own process, so each backend's peak memory is its own. Both backends are
 driven through the same chat.generation.ReplyStream, greedy, with min_new_tokens = max_new_tokens so that
 EOS does not end a reply early. The TorchScript artifact is MODEL/torchscript/DEVICE-DTYPE, exported first
-(without --verify) if it is not there or is older than the exporter's code. On CPU the floor is the time of
+(without --verify) if it is not there or is older than the exporter's code (MODEL/torchscript/cpu-DTYPE-int8
+for the int8 ones). On CPU the floor is the time of
 the weight matmuls of one token (F.linear, M=1, the checkpoint's own weight shapes), measured in the same
 run and as decode is: the mean over the reply's tokens, best of the runs.
 """
@@ -81,7 +84,15 @@ def run_all(common: dict, out: Path) -> int:
             print(f"exporting {artifact} first", file=sys.stderr, flush=True)
             from chat.export import export, stderr_progress
 
-            export(str(model), artifact, device=common["device"], dtype=dtype, progress=stderr_progress())
+            plain, _, quantize = dtype.partition("-")
+            export(
+                str(model),
+                artifact,
+                device=common["device"],
+                dtype=plain,
+                quantize=quantize or None,
+                progress=stderr_progress(),
+            )
         run = {"dtype": dtype}
         # The floor before and after the backends; the better of the two (the machine may be shared).
         floors = []
@@ -143,7 +154,7 @@ def measure_backend(kind: str, model: str, device: str, dtypes: str, prompts: st
     from chat.generation import ReplyStream
     from chat.params import GenerationParams
 
-    options = LoadOptions(model=model, device=device, dtype=dtypes)
+    options = LoadOptions(model=model, device=device, dtype=dtypes.partition("-")[0])  # "float32-int8": float32
     started = time.perf_counter()
     if kind == "torchscript":
         from chat.artifact import artifact_dir_for
@@ -202,7 +213,7 @@ def measure_floor(model: str, device: str, dtypes: str, new_tokens: int, repeats
     from chat.backends.base import cpu_threads
 
     torch.set_num_threads(cpu_threads())
-    dtype = getattr(torch, dtypes)
+    dtype = getattr(torch, dtypes.partition("-")[0])
     shapes = []
     for path in sorted(Path(model).glob("*.safetensors")):
         with safe_open(str(path), "pt") as f:

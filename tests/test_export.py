@@ -111,6 +111,8 @@ def test_int8_export_verifies_on_the_same_rounded_weights_and_chats(request, tmp
         assert buffers["blocks.0.wqkv"].dtype == torch.int8 and buffers["blocks.0.wqkv_scale"].dtype == torch.float32
         assert buffers["lm_head"].dtype == torch.int8 and buffers["embed"].dtype == getattr(torch, dtype)
         assert backend.info.runs_on.startswith(f"{dtype}, int8 weights, native")
+        # Freezing at load must not fold prefill's dequantize into float copies of every weight.
+        assert str(backend.module.prefill.graph).count("chat::dequantize") >= 4
         stream = ReplyStream(backend, [5, 6, 7], GenerationParams(max_new_tokens=6, temperature=0.0), None, [])
         assert len(list(stream)) > 0 and stream.stats.new_tokens == 6
     finally:
@@ -341,6 +343,20 @@ def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
     attention = "chat::cache_attend" if native.supported() is None else "aten::scaled_dot_product_attention"
     assert attention in done.stdout
     assert "9 cached tokens, 3 steps" in done.stdout and "op calls" in done.stdout
+
+
+def test_int8_quality_script_compares_the_rounded_model(tiny_llama):
+    """scripts/int8_quality.py, which measures what int8 rounding costs a model, runs and reports both."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "int8_quality.py"), f"--model={tiny_llama}", "--tokens=5"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["original", "int8", "bfloat16"] and "perplexity" in lines[2]
+    assert lines[4].startswith("greedy tokens that agree with the original's") and len(lines) == 10
 
 
 def test_gpu_experiments_script_runs(tiny_llama):

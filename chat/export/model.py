@@ -91,7 +91,7 @@ def linear(
         y = torch.ops.chat.matvec(w, x, *(norm or (None, None)), scale)
         return y if b is None else y + b
     if scale is not None:
-        return F.linear(x, torch.ops.chat.dequantize(w, scale, x.dtype), b)
+        return F.linear(x, torch.ops.chat.dequantize(w, scale, x), b)
     if x.dim() == 1:
         return torch.mv(w, x) if b is None else torch.addmv(b, w, x)
     return F.linear(x, w, b)

@@ -223,8 +223,8 @@ def _register_fallback() -> None:
         ),
         (
             "dequantize",
-            "(Tensor w, Tensor scales, ScalarType dtype) -> Tensor",
-            lambda w, scales, dtype: (w.float() * scales.unsqueeze(1)).to(dtype),
+            "(Tensor w, Tensor scales, Tensor like) -> Tensor",
+            lambda w, scales, like: (w.float() * scales.unsqueeze(1)).to(like.dtype),
         ),
         (
             "cache_attend",

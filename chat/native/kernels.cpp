@@ -16,7 +16,9 @@
 //     without it in float32 for a weight that holds the norm's weight (see unit_norm_scale);
 //   chat::silu_mul_matvec(w, x, unit_norm, norm_weight, scales) = silu(gate) * up of the same, w = [gate; up];
 //   chat::add_matvec(r, w, x, scales) = r + w @ x;
-//   chat::dequantize(w, scales, dtype) = int8 w times its rows' scales, in dtype (a prefill's weights);
+//   chat::dequantize(w, scales, like) = int8 w times its rows' scales, in like's dtype (a prefill's weights; like,
+//     the prefill's input, is an argument so that freezing the module cannot fold the op into a constant: a
+//     whole copy of the weights);
 //   chat::cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window) = RoPE, the cache write and
 //     attention over the filled cache, for one token: the attention half of a decode layer in one op.
 // bfloat16 results round as torch's ops would, step by step (a product to bfloat16, then the sum with r:
@@ -514,29 +516,46 @@ at::Tensor add_matvec(const at::Tensor& r_in, const at::Tensor& w_in, const at::
   return out;
 }
 
+// `rows` int8 rows of k times their scales, rounded to bfloat16 (to nearest, ties to even, as torch's .to).
+CHAT_AVX512 void dequantize_rows_bf16(const int8_t* w, const float* scales, int64_t rows, int64_t k,
+                                      at::BFloat16* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const __m512 scale = _mm512_set1_ps(scales[i]);
+    for (int64_t c = 0; c < k; c += 16) {
+      const __mmask16 mask = k - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - c)) - 1);
+      const __m512 v = round_bf16(_mm512_mul_ps(load16_tail(mask, w + i * k + c), scale));
+      const __m256i bf16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+      _mm256_mask_storeu_epi16(out + i * k + c, mask, bf16);
+    }
+  }
+}
+
 // int8 weights times their rows' scales, as a tensor of dtype: the weights of a prefill's matmul (many tokens
 // at once, where a matmul on torch's kernels beats a pass of the int8 weights per token).
-at::Tensor dequantize(const at::Tensor& w_in, const at::Tensor& scales, at::ScalarType dtype) {
+at::Tensor dequantize(const at::Tensor& w_in, const at::Tensor& scales, const at::Tensor& like) {
   check_scales(w_in, scales, "chat::dequantize");
+  const at::ScalarType dtype = like.scalar_type();
   if (dtype != at::kFloat && dtype != at::kBFloat16) return (w_in.to(at::kFloat) * scales.unsqueeze(1)).to(dtype);
   const at::Tensor w = w_in.contiguous(), s = scales.contiguous();
-  at::Tensor out = at::empty(w.sizes(), w.options().dtype(dtype));
   const int64_t k = w.size(1);
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();
-  auto fill = [&](auto* o) {
+  if (dtype == at::kBFloat16 && isa() == Isa::kAvx512) {  // one pass; a short prompt's prefill waits on it
+    at::Tensor out = at::empty(w.sizes(), w.options().dtype(dtype));
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
     at::parallel_for(0, w.size(0), kGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        for (int64_t c = 0; c < k; ++c) o[i * k + c] = static_cast<float>(wp[i * k + c]) * sp[i];
-      }
+      dequantize_rows_bf16(wp + begin * k, sp + begin, end - begin, k, o + begin * k);
     });
-  };
-  if (dtype == at::kFloat) {
-    fill(out.data_ptr<float>());
-  } else {
-    fill(out.data_ptr<at::BFloat16>());
+    return out;
   }
-  return out;
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, w.size(0), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t c = 0; c < k; ++c) o[i * k + c] = static_cast<float>(wp[i * k + c]) * sp[i];
+    }
+  });
+  return out.to(dtype);  // bfloat16 on AVX2: torch's vectorized rounding
 }
 
 constexpr int64_t kMaxGroups = 16;    // query heads per kv head
@@ -856,7 +875,7 @@ TORCH_LIBRARY(chat, m) {
       "silu_mul_matvec(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None, Tensor? scales=None) "
       "-> Tensor");
   m.def("add_matvec(Tensor r, Tensor w, Tensor x, Tensor? scales=None) -> Tensor");
-  m.def("dequantize(Tensor w, Tensor scales, ScalarType dtype) -> Tensor");
+  m.def("dequantize(Tensor w, Tensor scales, Tensor like) -> Tensor");
   m.def(
       "cache_attend(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
       "Tensor window) -> Tensor");
