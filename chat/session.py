@@ -182,10 +182,11 @@ class Session:
 
         stream = ReplyStream(self.backend, prompt.ids, self.params, self.generator, prompt.stop_strings)
         interactive = self.conversational and self.out.isatty()
-        label = f"{self.label}:" if interactive else ""
-        if label:
-            print(self.style.model(label) + " ", end="", file=self.out, flush=True)
-        show = self.screen_wrap(start=len(label) + 1 if label else 0)
+        column = 0  # where the reply starts on its line
+        if interactive:
+            print(self.style.model(f"{self.label}:") + " ", end="", file=self.out, flush=True)
+            column = len(self.label) + 2
+        show = self.for_screen(column)
         try:
             for piece in stream:
                 if self.options.stream:
@@ -219,14 +220,14 @@ class Session:
             print(stream.stats.line(), file=self.err, flush=True)
         return True
 
-    def screen_wrap(self, start: int) -> Callable[[str], str]:
+    def for_screen(self, column: int) -> Callable[[str], str]:
         """What a reply's text goes through on its way out: on a terminal, no control characters, and a word
         wrap (but for --no-wrap and dumb terminals); to a pipe or file, nothing."""
         if not self.out.isatty():
             return str
         if not self.options.wrap or os.environ.get("TERM") == "dumb":
             return printable
-        return WordWrap(columns(self.out), column=start)
+        return WordWrap(columns(self.out), column=column)
 
     def handle(self, text: str) -> None:
         """One line (or block) of input: a command, a message, or nothing."""

@@ -238,23 +238,32 @@ def compose_in_editor(start: str) -> str:
     command = os.environ.get("VISUAL") or os.environ.get("EDITOR") or next(filter(shutil.which, ("nano", "vi")), None)
     if not command:
         raise ChatError("no editor found: set $EDITOR (for example: export EDITOR=nano)")
-    argv = shlex.split(command)
-    with tempfile.TemporaryDirectory(prefix="chat-") as folder:
-        path = Path(folder) / "message.md"
-        path.write_text(start, encoding="utf-8")
-        # The editor has the terminal, Ctrl+C included: this process waits on, and the editor gets the
-        # terminal's own line mode and echo back (see keys_kept_between_prompts).
-        waiting = signal.signal(signal.SIGINT, lambda *_: None)
-        try:
-            with terminal_line_mode(sys.stdin):
-                finished = subprocess.run([*argv, str(path)], check=False)
-        except FileNotFoundError:
+    try:
+        argv = shlex.split(command)
+    except ValueError as why:  # an unbalanced quote, say
+        raise ChatError(f"cannot read the editor command `{command}` ({why}); fix $EDITOR") from None
+    if not argv:
+        raise ChatError("$EDITOR is empty; set it to an editor (for example: export EDITOR=nano)")
+    # The editor has the terminal, Ctrl+C included: this process waits on, and the editor gets the
+    # terminal's own line mode and echo back (see keys_kept_between_prompts).
+    waiting = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        with tempfile.TemporaryDirectory(prefix="chat-") as folder, terminal_line_mode(sys.stdin):
+            path = Path(folder) / "message.md"
+            path.write_text(start, encoding="utf-8")
+            finished = subprocess.run([*argv, str(path)], check=False)
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError as why:
+        if why.filename == argv[0]:
             raise ChatError(f"no editor `{argv[0]}` here; set $EDITOR to one you have") from None
-        finally:
-            signal.signal(signal.SIGINT, waiting)
-        if finished.returncode != 0:
-            raise ChatError(f"the editor `{command}` exited with status {finished.returncode}; nothing was sent")
-        return readable(path.read_text(encoding="utf-8", errors="surrogateescape"))
+        raise ChatError(f"the message's file is gone ({why.strerror}); nothing was sent") from None
+    except OSError as why:  # not executable, an unwritable $TMPDIR, ...
+        raise ChatError(f"could not run the editor `{command}` ({why.strerror or why}); nothing was sent") from None
+    finally:
+        signal.signal(signal.SIGINT, waiting)
+    if finished.returncode != 0:
+        raise ChatError(f"the editor `{command}` exited with status {finished.returncode}; nothing was sent")
+    return readable(text)
 
 
 @contextlib.contextmanager

@@ -113,6 +113,8 @@ def test_edit_sends_what_the_editor_saved_and_survives_a_failing_editor(tiny_lla
     quit_with_eof(edit("false", "the editor `false` exited with status 1; nothing was sent"))
     quit_with_eof(edit("no-such-editor --wait", "no editor `no-such-editor` here; set $EDITOR to one you have"))
     quit_with_eof(edit("sh -c ': > $0'", "nothing sent (the message was left empty)"))
+    quit_with_eof(edit("vim '", "cannot read the editor command `vim '` (No closing quotation); fix $EDITOR"))
+    quit_with_eof(edit(str(tmp_path / "stty"), f"could not run the editor `{tmp_path / 'stty'}` (Permission denied)"))
     assert not list((tmp_path / "tmp").iterdir())  # the message's file is gone
 
 

@@ -176,7 +176,7 @@ CHAT_AVX512 void dot_rows_wide(const W* w, const float* x, int64_t first, int64_
   }
 }
 
-// --- AVX2: 8 float32 lanes, bfloat16 widened to float32 (exact), no masked 16-bit loads ---
+// --- AVX2: 8 float32 lanes, bfloat16 and int8 widened to float32 (exact), no masked 16-bit loads ---
 
 CHAT_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 CHAT_AVX2 inline __m256 load8(const at::BFloat16* p) {
