@@ -13,7 +13,7 @@ from typing import Any
 
 from chat import __version__
 from chat import conversation as storage
-from chat.errors import ChatError, UsageError
+from chat.errors import ChatError, UsageError, file_error
 from chat.params import GenerationParams, parse_value
 from chat.text import readable
 
@@ -272,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `chat --help | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as why:  # a path given that the file system refuses (too long, say) where no check caught it
+        if verbose:
+            import traceback
+
+            traceback.print_exception(why)
+        print(f"chat: error: {file_error(why)}; check the paths given", file=sys.stderr)
+        return 2
 
 
 def _report(why: BaseException, verbose: bool) -> None:

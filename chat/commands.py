@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chat import conversation as storage
-from chat.errors import ChatError
+from chat.errors import ChatError, file_error
 from chat.params import PARSERS, parse_assignments
 
 if TYPE_CHECKING:
@@ -180,6 +180,8 @@ def run_command(session: Session, line: str) -> None:
         command.run(session, rest.strip())
     except ChatError as why:
         session.error(str(why))
+    except OSError as why:  # the file system refused a path given (too long, say) where no check expected it
+        session.error(f"{file_error(why)}; nothing was changed")
 
 
 def describe_device(info: BackendInfo) -> str:

@@ -243,6 +243,18 @@ def test_a_file_named_as_the_model(tmp_path):
     assert result.returncode == 2 and "is a file; name the model's directory" in result.stderr
 
 
+def test_a_path_the_file_system_refuses_is_one_line(tiny_llama, tmp_path):
+    too_long = "a/" * 3000  # over PATH_MAX: every stat of it fails with ENAMETOOLONG
+    for args in (
+        [too_long],
+        [str(tiny_llama), "--load", too_long],
+        [str(tiny_llama), "--save-dir", too_long, "--continue"],
+    ):
+        result = run_chat(*args, "--prompt", "hi")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("chat: error: File name too long: a/a/") and result.stderr.count("\n") == 1
+
+
 def test_hub_out_of_reach_is_not_called_offline(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     # Nothing listens on port 9 here: the download fails at once, as with no network.

@@ -375,6 +375,15 @@ def test_text_that_is_not_unicode_is_made_readable(session, tmp_path, tiny_llama
     assert options.prompt == "caf\ufffd" and options.system == "\ufffd"
 
 
+def test_a_path_the_file_system_refuses_costs_one_line(session):
+    session.ask("Hello")
+    output(session)
+    session.handle("!save " + "b/" * 3000)
+    err = output(session)[1]
+    assert err.startswith("error: File name too long: b/b/") and err.count("\n") == 1 and "nothing was changed" in err
+    assert session.running and len(session.conversation.messages) == 2
+
+
 def test_load_needs_path(session):
     session.handle("!load")
     assert "usage: !load PATH" in output(session)[1]
