@@ -119,7 +119,7 @@ def test_int8_export_verifies_on_the_same_rounded_weights_and_chats(request, tmp
         backend.close()
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2", "qwen2", "phi3", "mistral"])
 def test_int8_logits_are_transformers_on_the_rounded_weights(request, tmp_path, model):
     """Prefill and decode logits of a float32 int8 artifact against transformers running the same rounded
     weights: the same numbers but for summing order (greedy tokens alone barely move on random weights)."""
@@ -129,7 +129,10 @@ def test_int8_logits_are_transformers_on_the_rounded_weights(request, tmp_path, 
 
     from chat.export.quantize import round_model_weights
 
-    source = request.getfixturevalue(model)
+    if model.startswith("tiny_"):
+        source = request.getfixturevalue(model)
+    else:  # q/k/v biases (qwen2), fused projections (phi3)
+        source = tiny_family_model(tmp_path / model, request.getfixturevalue("tiny_llama"), model)
     backend = TorchScriptBackend(export(str(source), tmp_path / "art", max_len=64, quantize="int8"))
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     round_model_weights(hf)
