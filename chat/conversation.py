@@ -95,6 +95,10 @@ def save(path: Path, conversation: Conversation, params: GenerationParams, model
     data = {**record(conversation, params, model, backend), "saved": now()}
     path = path.expanduser()
     try:
+        if path.is_symlink():  # the rename replaces what the link points to, not the link
+            path = path.resolve()
+        if path.exists() and not path.is_file():  # a rename onto /dev/null (as root) would replace the device
+            raise ChatError(f"{path} is not a regular file; pick another path")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as why:

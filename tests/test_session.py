@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -382,6 +384,18 @@ def test_a_path_the_file_system_refuses_costs_one_line(session):
     err = output(session)[1]
     assert err.startswith("error: File name too long: b/b/") and err.count("\n") == 1 and "nothing was changed" in err
     assert session.running and len(session.conversation.messages) == 2
+
+
+def test_save_writes_through_a_link_and_never_replaces_a_device_or_pipe(session, tmp_path):
+    """The atomic rename must not turn /dev/null (as root) or a pipe into a file, nor a link into a copy."""
+    pipe, target, link = tmp_path / "pipe", tmp_path / "real.json", tmp_path / "link.json"
+    os.mkfifo(pipe)
+    session.handle(f"!save {pipe}")
+    assert "is not a regular file; pick another path" in output(session)[1]
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    link.symlink_to(target)
+    session.handle(f"!save {link}")
+    assert link.is_symlink() and json.loads(target.read_text())["messages"] == []
 
 
 def test_load_needs_path(session):
