@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chat import conversation as storage
+from chat.artifact import ARTIFACTS_SUBDIR
 from chat.conversation import Conversation
 from chat.errors import ChatError
 from chat.params import GenerationParams
@@ -371,4 +372,9 @@ def _ready(load: SessionLoad, notice: Callable[[str], None]) -> Session:
 
 
 def model_label(model: str) -> str:
-    return Path(model.rstrip("/")).name or model
+    """The name replies are labelled with: the model directory's (also for an artifact exported into its
+    torchscript/ folder, as make demo does), or the Hub id's last part."""
+    path = Path(model.rstrip("/"))
+    if path.parent.name == ARTIFACTS_SUBDIR and path.parent.parent.name:
+        path = path.parent.parent
+    return path.name or model

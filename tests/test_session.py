@@ -398,6 +398,14 @@ def test_save_writes_through_a_link_and_never_replaces_a_device_or_pipe(session,
     assert link.is_symlink() and json.loads(target.read_text())["messages"] == []
 
 
+def test_replies_are_labelled_with_the_models_name():
+    from chat.session import model_label
+
+    assert model_label("models/smollm2-135m-instruct/") == "smollm2-135m-instruct"
+    assert model_label("models/smollm2-135m-instruct/torchscript/cpu-float32-int8") == "smollm2-135m-instruct"
+    assert model_label("/tmp/smol-int8") == "smol-int8" and model_label("openai-community/gpt2") == "gpt2"
+
+
 def test_load_needs_path(session):
     session.handle("!load")
     assert "usage: !load PATH" in output(session)[1]
