@@ -46,6 +46,15 @@ def is_artifact(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
+def model_label(model: str) -> str:
+    """A model's short name, for labels: the model directory's (also for an artifact exported into its
+    torchscript/ folder, as make demo does), or the Hub id's last part."""
+    path = Path(model.rstrip("/"))
+    if path.parent.name == ARTIFACTS_SUBDIR and path.parent.parent.name:
+        path = path.parent.parent
+    return path.name or model
+
+
 def artifact_dir_for(model_dir: Path, device_type: str, dtype: str) -> Path:
     return model_dir / ARTIFACTS_SUBDIR / f"{device_type}-{dtype}"
 

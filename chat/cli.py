@@ -55,6 +55,8 @@ Options:
                                without a path (default $XDG_DATA_HOME/chat/sessions, that is
                                ~/.local/share/chat/sessions).
   --continue                   Resume the chat kept last in --save-dir, and go on keeping it there.
+  --chats                      List the chats kept in --save-dir, the last first, and exit
+                               (chat --load FILE goes on with one).
   --load=FILE                  Resume a session saved with !save (kept on in a new file).
   --no-autosave                Keep nothing of this chat on disk but what you !save.
   --trust-remote-code          Allow a model's own Python code to run (off by default).
@@ -103,6 +105,7 @@ class Options:
     save_dir: Path
     load: Path | None
     keep_in: Path | None  # where an interactive chat keeps itself after each turn; None: autosave is off
+    list_chats: bool  # --chats: list the kept chats instead of chatting
     trust_remote_code: bool
     offline: bool
     verbose: bool
@@ -190,6 +193,8 @@ def parse_args(argv: list[str]) -> Options:
         raise UsageError(f"two different models named ({' and '.join(names)}); name one")
     if names:
         model, model_given = names[0], True
+    elif args["--chats"]:
+        model, model_given = "", False  # no model needed to list the chats
     else:
         demo = find_demo_model()
         if demo is None:
@@ -216,6 +221,7 @@ def parse_args(argv: list[str]) -> Options:
         save_dir=save_dir,
         load=load,
         keep_in=keep_in,
+        list_chats=args["--chats"],
         trust_remote_code=args["--trust-remote-code"],
         offline=offline,
         verbose=args["--verbose"],
@@ -258,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in argv
     try:
         options = parse_args(argv)
+        if options.list_chats:
+            return list_chats(options.save_dir)
         if options.offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         from chat.session import run
@@ -279,6 +287,17 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(why)
         print(f"chat: error: {file_error(why)}; check the paths given", file=sys.stderr)
         return 2
+
+
+def list_chats(save_dir: Path) -> int:
+    files = storage.session_files(save_dir) if save_dir.is_dir() else []
+    if not files:
+        print(f"no chats kept in {save_dir} yet")
+        return 0
+    print(f"{len(files)} chat(s) kept in {save_dir}, the last first (chat --load FILE goes on with one):")
+    for path in files:
+        print(storage.describe_session_file(path))
+    return 0
 
 
 def _report(why: BaseException, verbose: bool) -> None:

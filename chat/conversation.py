@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from chat.artifact import model_label
 from chat.errors import ChatError
 from chat.params import GenerationParams, parse_value
 from chat.text import readable
@@ -84,10 +85,30 @@ def new_session_file(directory: Path) -> Path:
     return directory / f"chat-{datetime.now():%Y%m%d-%H%M%S}.json"
 
 
+def session_files(directory: Path) -> list[Path]:
+    """The session files in directory (named as new_session_file names them), the one written last first."""
+    files = [path for path in directory.glob("chat-*.json") if path.is_file()]
+    return sorted(files, key=lambda path: path.stat().st_mtime, reverse=True)
+
+
 def newest_session_file(directory: Path) -> Path | None:
     """The session file in directory written last, if any."""
-    files = [path for path in directory.glob("chat-*.json") if path.is_file()]
-    return max(files, key=lambda path: path.stat().st_mtime, default=None)
+    return next(iter(session_files(directory)), None)
+
+
+def describe_session_file(path: Path) -> str:
+    """One line for `chat --chats`: the file, when it was last written, its size and how it began."""
+    written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        messages = data["messages"]
+        first = next((m["content"] for m in messages if m.get("role") == "user"), "")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as why:
+        return f"{path}  {written}  (not a chat this can read: {type(why).__name__})"
+    first = " ".join(readable(str(first)).split())
+    first = first if len(first) <= 60 else first[:57] + "..."
+    model = model_label(str(data.get("model") or ""))
+    return f"{path}  {written}  {len(messages)} messages" + (f"  {model}" if model else "") + f'  "{first}"'
 
 
 def save(path: Path, conversation: Conversation, params: GenerationParams, model: str, backend: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from chat import conversation as storage
-from chat.artifact import ARTIFACTS_SUBDIR
+from chat.artifact import model_label
 from chat.conversation import Conversation
 from chat.errors import ChatError
 from chat.params import GenerationParams
@@ -369,12 +369,3 @@ def _ready(load: SessionLoad, notice: Callable[[str], None]) -> Session:
     session.notice(f"({info.name} on {info.device}, {info.runs_on})")
     show_notes(session)
     return session
-
-
-def model_label(model: str) -> str:
-    """The name replies are labelled with: the model directory's (also for an artifact exported into its
-    torchscript/ folder, as make demo does), or the Hub id's last part."""
-    path = Path(model.rstrip("/"))
-    if path.parent.name == ARTIFACTS_SUBDIR and path.parent.parent.name:
-        path = path.parent.parent
-    return path.name or model

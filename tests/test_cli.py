@@ -161,6 +161,37 @@ def test_one_shot_keeps_nothing_unless_it_continues_a_kept_chat(tiny_llama, tmp_
     assert [role for role, _ in said] == ["user", "assistant"] * 3 and list(saves.iterdir()) == [kept]
 
 
+def test_chats_lists_the_kept_chats_the_last_first_without_a_model_or_torch(tmp_path, capsys):
+    def kept(name: str, when: int, text: str) -> None:
+        (tmp_path / name).write_text(text)
+        os.utime(tmp_path / name, (when, when))
+
+    first = {"role": "user", "content": "What is\nthe capital of France?"}
+    kept("chat-20260101-000000.json", 2_000_000, json.dumps({"messages": [first], "model": "models/smol"}))
+    kept("chat-20270101-000000.json", 1_000_000, json.dumps({"messages": []}))
+    kept("chat-20250101-000000.json", 3_000_000, "{ not json")
+    (tmp_path / "notes.json").write_text("{}")  # not named as a kept chat
+    assert main(["--chats", "--save-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"3 chat(s) kept in {tmp_path}, the last first (chat --load FILE goes on with one):"
+    assert [line.split()[0] for line in lines[1:]] == [
+        str(tmp_path / f"chat-{year}0101-000000.json") for year in (2025, 2026, 2027)
+    ]
+    assert lines[1].endswith("(not a chat this can read: JSONDecodeError)")
+    assert lines[2].endswith('1 messages  smol  "What is the capital of France?"') and lines[3].endswith(
+        '0 messages  ""'
+    )
+    assert main(["--chats", "--save-dir", str(tmp_path / "none")]) == 0
+    assert capsys.readouterr().out == f"no chats kept in {tmp_path / 'none'} yet\n"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "chat", "--chats", "--save-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "torch" not in {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines()}
+
+
 @pytest.mark.parametrize(("args", "message"), BAD)
 def test_bad_values_exit_2_with_one_line(args, message, tiny_llama, capsys):
     assert main([str(tiny_llama), *args]) == 2

@@ -399,7 +399,7 @@ def test_save_writes_through_a_link_and_never_replaces_a_device_or_pipe(session,
 
 
 def test_replies_are_labelled_with_the_models_name():
-    from chat.session import model_label
+    from chat.artifact import model_label
 
     assert model_label("models/smollm2-135m-instruct/") == "smollm2-135m-instruct"
     assert model_label("models/smollm2-135m-instruct/torchscript/cpu-float32-int8") == "smollm2-135m-instruct"
