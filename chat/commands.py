@@ -137,7 +137,13 @@ def do_save(session: Session, rest: str) -> None:
 
 def do_load(session: Session, rest: str) -> None:
     if not rest:
-        raise ChatError("usage: !load PATH (a file written by !save)")
+        kept = session.options.save_dir
+        files = storage.session_files(kept)[:10] if kept.is_dir() else []
+        if not files:
+            raise ChatError("usage: !load PATH (a file written by !save)")
+        listing = "\n".join(storage.describe_session_file(path) for path in files)
+        session.say(f"usage: !load PATH; the chats kept last in {kept}:\n{listing}")
+        return
     session.load(Path(rest))
     session.start_new_file()
     session.say(f"loaded {len(session.conversation.messages)} message(s) from {Path(rest).expanduser()}")
@@ -154,7 +160,7 @@ COMMANDS: dict[str, Command] = {
     "regen": Command("!regen", "answer the last message again", do_regen),
     "edit": Command("!edit [TEXT]", "write a message in your editor ($EDITOR), then send it", do_edit),
     "save": Command("!save [PATH]", "save the session as JSON (default: in --save-dir)", do_save),
-    "load": Command("!load PATH", "restore a saved session", do_load),
+    "load": Command("!load PATH", "restore a saved session (without PATH: list the chats kept last)", do_load),
 }
 ALIASES = {"quit": "exit"}
 

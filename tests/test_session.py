@@ -406,9 +406,17 @@ def test_replies_are_labelled_with_the_models_name():
     assert model_label("/tmp/smol-int8") == "smol-int8" and model_label("openai-community/gpt2") == "gpt2"
 
 
-def test_load_needs_path(session):
+def test_load_needs_path_and_lists_the_chats_kept_last(tiny_llama, tmp_path):
+    session = make_session(tiny_llama, "--save-dir", str(tmp_path), "--max-new-tokens", "2")
     session.handle("!load")
     assert "usage: !load PATH" in output(session)[1]
+    session.ask("Hello")
+    session.keep()
+    output(session)
+    session.handle("!load")
+    out, err = output(session)
+    assert err == "" and out.startswith(f"usage: !load PATH; the chats kept last in {tmp_path}:\n")
+    assert f"{session.options.keep_in}  " in out and '2 messages  tiny-llama0  "Hello"' in out
 
 
 def test_context_drop_oldest(tiny_llama):
