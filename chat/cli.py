@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def list_chats(save_dir: Path) -> int:
-    files = storage.session_files(save_dir) if save_dir.is_dir() else []
+    files = storage.session_files(save_dir)
     if not files:
         print(f"no chats kept in {save_dir} yet")
         return 0

@@ -138,7 +138,7 @@ def do_save(session: Session, rest: str) -> None:
 def do_load(session: Session, rest: str) -> None:
     if not rest:
         kept = session.options.save_dir
-        files = storage.session_files(kept)[:10] if kept.is_dir() else []
+        files = storage.session_files(kept)[:10]
         if not files:
             raise ChatError("usage: !load PATH (a file written by !save)")
         listing = "\n".join(storage.describe_session_file(path) for path in files)
