@@ -281,11 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as why:  # a path given that the file system refuses (too long, say) where no check caught it
-        if verbose:
-            import traceback
-
-            traceback.print_exception(why)
-        print(f"chat: error: {file_error(why)}; check the paths given", file=sys.stderr)
+        _report(why, verbose, f"{file_error(why)}; check the paths given")
         return 2
 
 
@@ -300,9 +296,10 @@ def list_chats(save_dir: Path) -> int:
     return 0
 
 
-def _report(why: BaseException, verbose: bool) -> None:
+def _report(why: BaseException, verbose: bool, message: str | None = None) -> None:
+    """One line, `message` or the error's own words; with --verbose its traceback first."""
     if verbose:
         import traceback
 
         traceback.print_exception(why)
-    print(f"chat: error: {why}", file=sys.stderr)
+    print(f"chat: error: {message or why}", file=sys.stderr)
