@@ -79,6 +79,13 @@ def build_model(directory: Path, kind: str) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def no_neighbours(monkeypatch):
+    """No /proc readings in tests, as on macOS: the thread count stays one per CPU, not one that follows this
+    machine's other work from load to load. tests/test_threads.py hands chat.threads readings of its own."""
+    monkeypatch.setattr("chat.threads.read_cpu_times", lambda cpus: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     """A 2-layer llama-shaped model with a ChatML template and random weights."""

@@ -40,6 +40,7 @@ class BackendInfo:
     dtype: str  # "float32", "bfloat16", ...
     context_length: int  # most tokens one sequence may hold (prompt + reply)
     threads: int = 0  # CPU threads torch uses
+    threads_reason: str = ""  # why that many: BY_OPTION, BY_ENV, or from chat.threads ("one per CPU", ...)
     reason: str = ""  # why this backend was chosen (shown by !status)
     kernels: str = ""  # "native AVX-512" (or AVX2) when decode runs on chat's native CPU kernels (chat.native)
     quantization: str = ""  # "int8" when the matmul weights are (export --quantize)
@@ -89,16 +90,27 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def cpu_threads(options: LoadOptions | None = None) -> int:
-    """CPU threads for torch: --threads, else OMP_NUM_THREADS, else every CPU this process may run on.
+BY_OPTION, BY_ENV = "--threads", "OMP_NUM_THREADS"  # what fixed a thread count the user chose
 
-    One thread per CPU is fastest on an idle machine; when other programs keep CPUs busy, fewer threads
-    avoid waiting on a thread that is not running (a busy core can slow a step several times over)."""
+
+def fixed_threads(options: LoadOptions | None = None) -> tuple[int, str] | None:
+    """The CPU thread count the user fixed and by what (BY_OPTION or BY_ENV); None when chat chooses."""
     if options is not None and options.threads:
-        return options.threads
+        return options.threads, BY_OPTION
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
-        return int(env)
+        return int(env), BY_ENV
+    return None
+
+
+def cpu_threads(options: LoadOptions | None = None) -> int:
+    """CPU threads for torch to load with: --threads, else OMP_NUM_THREADS, else every CPU this process may run on.
+
+    One thread per CPU is fastest on an idle machine; when other programs keep CPUs busy, fewer threads avoid
+    waiting on a thread that is not running: chat.threads reads how many are busy and lowers the count."""
+    fixed = fixed_threads(options)
+    if fixed is not None:
+        return fixed[0]
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

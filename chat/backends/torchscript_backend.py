@@ -21,9 +21,10 @@ from chat.artifact import (
     hash_check,
     read_manifest,
 )
-from chat.backends.base import BackendInfo, LoadOptions, common_prefix, cpu_threads
+from chat.backends.base import BackendInfo, LoadOptions, common_prefix
 from chat.errors import ChatError
 from chat.export.model import Shape, allocate_cache, quiet_torchscript
+from chat.threads import StartingThreads
 from chat.tokenizer import FastTokenizer
 
 # Prompt tokens per call: on 2 CPU cores a chunk of the demo model takes well under a second, so Ctrl+C
@@ -44,7 +45,8 @@ class TorchScriptBackend:
                 f"export one with --dtype={options.dtype}, or leave --dtype at auto"
             )
         hashes = hash_check(directory, manifest)
-        torch.set_num_threads(cpu_threads(options))
+        threads = StartingThreads(options, device.type)
+        torch.set_num_threads(threads.count)
         notes, kernels = [], ""
         if native.OPS in manifest.get("ops", []):
             if not native.load():
@@ -74,6 +76,7 @@ class TorchScriptBackend:
         self.tokenizer = FastTokenizer(directory)
         self.tokenizer.eos_token_ids |= set(manifest["eos_token_ids"])
         self.manifest = manifest
+        torch.set_num_threads(threads.settle())
         self.info = BackendInfo(
             name="torchscript",
             model=options.model if options else str(directory),
@@ -82,6 +85,7 @@ class TorchScriptBackend:
             dtype=manifest["dtype"],
             context_length=self.max_len,
             threads=torch.get_num_threads(),
+            threads_reason=threads.reason,
             kernels=kernels,
             quantization=manifest.get("quantization") or "",
             notes=notes,
