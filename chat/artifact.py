@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from chat.errors import ChatError
+from chat.jsonfile import MANIFEST_MAX_BYTES, JSONFileError, NoSuchFile, read_json
 
 MANIFEST = "chat-artifact.json"
 FORMAT = "chat-torchscript-artifact"
@@ -87,12 +88,12 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     fix = f"re-export it: scripts/export_torchscript.py SOURCE_MODEL {directory}"
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        manifest = read_json(path, "a chat TorchScript manifest", MANIFEST_MAX_BYTES)
+    except NoSuchFile:
         raise ArtifactError(f"{directory} has no {MANIFEST}, so it is not a TorchScript artifact; {fix}") from None
-    except (OSError, ValueError) as why:
-        raise ArtifactError(f"{path} is broken ({why}); {fix}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    except JSONFileError as why:
+        raise ArtifactError(f"{path} is broken ({why.reason}); {fix}") from None
+    if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not a chat TorchScript manifest; {fix}")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:

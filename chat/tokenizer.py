@@ -13,16 +13,17 @@ from typing import Any
 
 from chat.backends.base import Message
 from chat.errors import ChatError
+from chat.jsonfile import MODEL_CONFIG_MAX_BYTES, JSONFileError, NoSuchFile, read_json
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """One of the model's JSON files, or {} when the model has none."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        return read_json(path, "a model config file", MODEL_CONFIG_MAX_BYTES)
+    except NoSuchFile:
         return {}
-    except (OSError, ValueError) as why:
-        raise ChatError(f"{path} is not valid JSON ({why}); restore or re-create it") from None
-    return data if isinstance(data, dict) else {}
+    except JSONFileError as why:
+        raise ChatError(f"{why}; restore or re-create it") from None
 
 
 def _token_text(value: Any) -> str | None:
@@ -36,7 +37,7 @@ def find_chat_template(directory: Path, tokenizer_config: dict[str, Any]) -> str
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8")
-    template = read_json(directory / "chat_template.json").get("chat_template")
+    template = read_config(directory / "chat_template.json").get("chat_template")
     template = template or tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: take "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -105,7 +106,7 @@ class FastTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as why:  # tokenizers raises a bare Exception on bad files
             raise ChatError(f"{path} could not be read ({why}); re-export the model") from None
-        config = read_json(directory / "tokenizer_config.json")
+        config = read_config(directory / "tokenizer_config.json")
         self.template = find_chat_template(directory, config)
         self.special_tokens = {
             key: text
@@ -116,7 +117,7 @@ class FastTokenizer:
         if (eos := self.special_tokens.get("eos_token")) and (eos_id := self._tok.token_to_id(eos)) is not None:
             extra.append(eos_id)
         self.eos_token_ids = eos_ids_from_configs(
-            read_json(directory / "generation_config.json"), read_json(directory / "config.json"), extra
+            read_config(directory / "generation_config.json"), read_config(directory / "config.json"), extra
         )
 
     @property

@@ -10,7 +10,6 @@ was chosen (shown by !status).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from chat.artifact import (
@@ -23,6 +22,7 @@ from chat.artifact import (
 )
 from chat.backends.base import Backend, LoadOptions
 from chat.errors import ChatError, UsageError
+from chat.jsonfile import MANIFEST_MAX_BYTES, JSONFileError, read_json
 
 CHOICES = ("auto", "torchscript", "transformers")
 
@@ -120,9 +120,9 @@ def source_checkpoint(artifact: Path, options: LoadOptions) -> Path | None:
     if artifact.parent.name == ARTIFACTS_SUBDIR:
         candidates.append(artifact.parent.parent)
     try:
-        recorded = json.loads((artifact / MANIFEST).read_text(encoding="utf-8"))["source"]["path"]
+        recorded = read_json(artifact / MANIFEST, "a chat TorchScript manifest", MANIFEST_MAX_BYTES)["source"]["path"]
         candidates.append(Path(recorded))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (JSONFileError, KeyError, TypeError):
         pass  # a broken manifest: the directory layout may still tell
     for candidate in candidates:
         if (candidate / "config.json").is_file():
