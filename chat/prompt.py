@@ -13,6 +13,7 @@ from chat.errors import ChatError
 class Prompt:
     ids: list[int]
     stop_strings: list[str]
+    reply_room: int  # the most tokens the reply may have: max_new_tokens, or less when the prompt leaves less
     dropped: int = 0  # exchanges dropped from the context to make room
 
 
@@ -49,35 +50,52 @@ def build_prompt(
     max_new_tokens: int,
     policy: str,
     user_label: str,
+    min_new_tokens: int = 0,
 ) -> Prompt:
-    """The prompt for the conversation's next reply, within `context_length - max_new_tokens` tokens.
+    """The prompt for the conversation's next reply, with `max_new_tokens` of room after it where it can.
 
-    drop-oldest moves the conversation's context start past old exchanges (they stay in the
-    conversation and in saved files); error refuses and says how to make room.
+    drop-oldest moves the conversation's context start past as few old exchanges as make room (they stay in
+    the conversation and in saved files); error refuses and says how to make room. When the newest message
+    alone leaves less room than max_new_tokens, the reply is capped at what is left; a prompt is refused only
+    when it leaves no room for min_new_tokens (and at least one token).
     """
     budget = context_length - max_new_tokens
-    if budget <= 0:
-        raise ChatError(
-            f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in this model's "
-            f"{context_length}-token context; lower it (--max-new-tokens N, or !set max_new_tokens=N in the chat)"
-        )
+    most = context_length - max(1, min_new_tokens)  # the longest prompt a reply can follow
     stops = [] if tokenizer.has_chat_template else plain_stop_strings(user_label)
-    dropped, start = 0, conversation.context_start
-    while True:
-        ids = encode(tokenizer, conversation.in_context(), user_label)
-        if len(ids) <= budget:
-            return Prompt(ids, stops, dropped)
-        if policy == "error" and len(conversation.messages) - conversation.context_start > 1:
-            raise ChatError(
-                f"the conversation is {len(ids)} tokens, over the {budget} this model has room for "
-                f"(context {context_length} - max_new_tokens {max_new_tokens}); "
-                "use !undo or !clear, lower max_new_tokens, or run with --context-policy drop-oldest"
-            )
-        if not conversation.drop_oldest_exchange():
-            conversation.context_start = start  # the message is refused: keep the history as it was
-            raise ChatError(
-                f"this message makes a prompt of {len(ids)} tokens, over the {budget} this model has room for "
-                f"(context {context_length} - max_new_tokens {max_new_tokens}); shorten it"
-                + (" or the system prompt" if conversation.system else "")
-            )
-        dropped += 1
+    starts = conversation.context_starts()
+    tried: dict[int, list[int]] = {}  # index into starts -> the prompt from there
+
+    def fits(index: int) -> bool:
+        tried[index] = encode(tokenizer, conversation.in_context(starts[index]), user_label)
+        return len(tried[index]) <= budget
+
+    # Each later start leaves out more messages, so the starts that fit are a tail of `starts`: bisection finds
+    # where it begins, rendering O(log n) times (good == len(starts): none fits).
+    if fits(0):
+        bad, good = -1, 0
+    elif policy == "error" and len(conversation.messages) - conversation.context_start > 1:
+        raise ChatError(
+            f"the conversation is {len(tried[0])} tokens, over the {max(budget, 0)} this model has room for "
+            f"(context {context_length} - max_new_tokens {max_new_tokens}); "
+            "use !undo or !clear, lower max_new_tokens, or run with --context-policy drop-oldest"
+        )
+    else:
+        bad, good = 0, len(starts)
+    while good - bad > 1:
+        middle = (bad + good) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    chosen = min(good, len(starts) - 1)  # none fits: the newest message alone, its reply capped
+    ids = tried[chosen]
+    if len(ids) > most:
+        room = f"min_new_tokens {min_new_tokens}" if min_new_tokens > 1 else "1 token for the reply"
+        raise ChatError(
+            f"this message makes a prompt of {len(ids)} tokens, over the {max(most, 0)} this model has room for "
+            f"(context {context_length} - {room}); shorten it"
+            + (" or the system prompt" if conversation.system else "")
+            + (", or lower min_new_tokens" if min_new_tokens > 1 else "")
+        )
+    conversation.context_start = starts[chosen]
+    return Prompt(ids, stops, reply_room=min(max_new_tokens, context_length - len(ids)), dropped=chosen)
