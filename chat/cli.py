@@ -36,8 +36,8 @@ Options:
   --backend=NAME               auto, torchscript or transformers [default: auto].
   --device=DEVICE              auto, cpu, cuda or cuda:N [default: auto].
   --dtype=DTYPE                auto, float32, bfloat16 or float16 [default: auto].
-  --threads=N                  CPU threads (default: one per CPU, or $OMP_NUM_THREADS); fewer
-                               help when other programs keep the CPU busy.
+  --threads=N                  CPU threads (default: $OMP_NUM_THREADS, else one per CPU less those
+                               other programs keep busy, followed as replies decode).
   --max-new-tokens=N           Most tokens in one reply (default {DEFAULTS.max_new_tokens}).
   --min-new-tokens=N           Fewest tokens before a reply may end (default {DEFAULTS.min_new_tokens}).
   --temperature=T              Randomness; 0 is greedy (default {DEFAULTS.temperature}*).

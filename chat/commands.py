@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from chat import conversation as storage
 from chat.errors import ChatError, file_error
-from chat.params import PARSERS, parse_assignments
+from chat.params import PARSERS, SET, parse_assignments
 
 if TYPE_CHECKING:
     from chat.backends.base import BackendInfo
@@ -30,6 +30,7 @@ def help_text() -> str:
     lines.append("")
     lines.append("  parameters for !set: " + ", ".join(PARSERS))
     lines.append('  a line """ starts a multi-line message, another ends it; Ctrl+C stops a reply')
+    lines.append("  !!text sends a message that starts with ! (here: !text)")
     return "\n".join(lines)
 
 
@@ -44,12 +45,16 @@ def do_exit(session: Session, rest: str) -> None:
 def do_set(session: Session, rest: str) -> None:
     changes = parse_assignments(rest.split())
     session.set_params(session.params.replace(**changes), reseed="seed" in changes)
+    session.param_sources.update(dict.fromkeys(changes, SET))
     session.say(" ".join(f"{key}={getattr(session.params, key)}" for key in changes))
 
 
 def do_status(session: Session, rest: str) -> None:
     info = session.backend.info
-    params = " ".join(f"{k}={v}" for k, v in session.params.as_dict().items())
+    sources = session.param_sources
+    params = " ".join(
+        f"{k}={v}" + (f" ({sources[k]})" if k in sources else "") for k, v in session.params.as_dict().items()
+    )
     history = session.conversation
     dropped = f", {history.context_start} message(s) dropped from context" if history.context_start else ""
     rows = [
@@ -72,22 +77,36 @@ def do_status(session: Session, rest: str) -> None:
 
 
 def where_kept(session: Session) -> str:
-    """Where the chat is kept as it goes (see Session.keep), for !status."""
-    path = session.options.keep_in
-    if path is None or not session.conversational:  # --no-autosave, a failed write, or not at a terminal
-        return "nowhere yet (!save PATH saves the chat)"
-    return str(path) if session.owns_file else f"{path} (from the first change)"
+    """Where the chat is kept as it goes (see ChatFile), for !status."""
+    file = session.chat_file
+    if file.path is None:  # --no-autosave, or not at a terminal
+        return "nowhere (!save PATH saves the chat)"
+    if file.failure is not None:
+        return f"not on disk: {file.failure} (chat tries again after each change; !save PATH)"
+    return str(file.path) if file.written else f"{file.path} (from the first message)"
 
 
 def do_clear(session: Session, rest: str) -> None:
-    session.start_new_file()
     session.conversation.clear()
-    session.say("history cleared" + (" (system prompt kept)" if session.conversation.system else ""))
+    file = session.chat_file
+    kept = file.path if file.owned and file.path is not None and file.path.exists() else None
+    session.say(
+        "history cleared"
+        + (" (system prompt kept)" if session.conversation.system else "")
+        + (f"; {kept} is removed" if kept else "")
+    )
+
+
+NO_SYSTEM = ("none", "-")  # !system none: no system prompt
 
 
 def do_system(session: Session, rest: str) -> None:
     if not rest:
         session.say(session.conversation.system or "(no system prompt; set one with !system TEXT)")
+        return
+    if rest.lower() in NO_SYSTEM:
+        session.conversation.system = None
+        session.say("system prompt removed")
         return
     session.conversation.system = rest
     session.say("system prompt set")
@@ -122,17 +141,23 @@ def do_edit(session: Session, rest: str) -> None:
     session.ask(text)
 
 
-def do_save(session: Session, rest: str) -> None:
+def do_save(session: Session, rest: str, replace_any: bool = False) -> None:
     if rest:
         path = Path(rest).expanduser()
-    elif session.options.keep_in is not None:  # the chat's own file, where it is kept as it goes
-        path = session.own_file()
+    elif session.chat_file.on:  # the chat's own file, where it is kept as it goes
+        path = session.chat_file.own_path()
     else:
         path = storage.new_session_file(session.options.save_dir)
     if path.is_dir():
         raise ChatError(f"{path} is a directory; give a file name, like !save {path / 'chat.json'}")
-    session.save(path)
+    session.save(path, replace_any=replace_any)
     session.say(f"saved {len(session.conversation.messages)} message(s) to {path}")
+
+
+def do_save_over(session: Session, rest: str) -> None:
+    if not rest:
+        raise ChatError("usage: !save! PATH (replaces PATH even if it is not a chat file)")
+    do_save(session, rest, replace_any=True)
 
 
 def do_load(session: Session, rest: str) -> None:
@@ -145,7 +170,7 @@ def do_load(session: Session, rest: str) -> None:
         session.say(f"usage: !load PATH; the chats kept last in {kept}:\n{listing}")
         return
     session.load(Path(rest))
-    session.start_new_file()
+    session.chat_file.start_new(session.options.save_dir)
     session.say(f"loaded {len(session.conversation.messages)} message(s) from {Path(rest).expanduser()}")
 
 
@@ -154,12 +179,13 @@ COMMANDS: dict[str, Command] = {
     "exit": Command("!exit, !quit", "leave the chat (also Ctrl+D)", do_exit),
     "set": Command("!set key=value ...", "change generation parameters", do_set),
     "status": Command("!status", "model, backend, parameters, context, last reply's speed, chat file", do_status),
-    "clear": Command("!clear", "forget the history (the system prompt stays)", do_clear),
-    "system": Command("!system [TEXT]", "show or set the system prompt", do_system),
+    "clear": Command("!clear", "forget the history, on disk too (the system prompt stays)", do_clear),
+    "system": Command("!system [TEXT|none]", "show, set or (none) remove the system prompt", do_system),
     "undo": Command("!undo", "remove the last exchange", do_undo),
     "regen": Command("!regen", "answer the last message again", do_regen),
     "edit": Command("!edit [TEXT]", "write a message in your editor ($EDITOR), then send it", do_edit),
     "save": Command("!save [PATH]", "save the session as JSON (default: in --save-dir)", do_save),
+    "save!": Command("!save! PATH", "save, replacing PATH even if it is not a chat file", do_save_over),
     "load": Command("!load PATH", "restore a saved session (without PATH: list the chats kept last)", do_load),
 }
 ALIASES = {"quit": "exit"}
@@ -171,8 +197,9 @@ def command_name(line: str) -> str:
     return ALIASES.get(word.lower(), word.lower())
 
 
-def run_command(session: Session, line: str) -> None:
-    """Run one `!` line. A bad command or argument gets one line; the session always goes on."""
+def run_command(session: Session, line: str) -> bool:
+    """Run one `!` line; False when it failed. A bad command or argument gets one line; the session always
+    goes on."""
     word, _, rest = line.removeprefix("!").strip().partition(" ")
     name = command_name(line)
     command = COMMANDS.get(name)
@@ -181,16 +208,20 @@ def run_command(session: Session, line: str) -> None:
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = f"did you mean !{close[0]}? " if close else ""
         session.error(f"unknown command !{word}; {hint}(!help lists them)")
-        return
+        return False
     try:
         command.run(session, rest.strip())
     except ChatError as why:
         session.error(str(why))
     except OSError as why:  # the file system refused a path given (too long, say) where no check expected it
         session.error(f"{file_error(why)}; nothing was changed")
+    else:
+        return True
+    return False
 
 
 def describe_device(info: BackendInfo) -> str:
-    """ "cpu, bfloat16, native AVX-512 kernels, 2 threads": where and how the model runs."""
+    """ "cpu, bfloat16, native AVX-512 kernels, 2 threads (one per CPU)": where and how the model runs."""
     threads = f", {info.threads} thread" + ("s" if info.threads != 1 else "")
+    threads += f" ({info.threads_reason})" if info.threads_reason else ""
     return f"{info.device}, {info.runs_on}" + (threads if info.device == "cpu" else "")

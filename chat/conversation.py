@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -12,6 +13,7 @@ from typing import Any
 
 from chat.artifact import model_label
 from chat.errors import ChatError
+from chat.jsonfile import CHAT_MAX_BYTES, JSONFileError, NoSuchFile, read_json
 from chat.params import GenerationParams, parse_value
 from chat.text import readable
 
@@ -36,10 +38,11 @@ class Conversation:
     def add(self, role: str, content: str, **extra: Any) -> None:
         self.messages.append({"role": role, "content": content, **extra})
 
-    def in_context(self) -> list[dict[str, str]]:
-        """What the model sees: the system prompt, then the messages still in context."""
+    def in_context(self, start: int | None = None) -> list[dict[str, str]]:
+        """What the model sees: the system prompt, then the messages from `start` (default: the context start)."""
+        start = self.context_start if start is None else start
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [{"role": m["role"], "content": m["content"]} for m in self.messages[self.context_start :]]
+        return head + [{"role": m["role"], "content": m["content"]} for m in self.messages[start:]]
 
     def clear(self) -> None:
         self.messages.clear()
@@ -55,14 +58,11 @@ class Conversation:
                 return dropped
         return 0
 
-    def drop_oldest_exchange(self) -> bool:
-        """Move the context start past the oldest exchange still in context; False when none is left to drop."""
-        rest = self.messages[self.context_start :]
-        later_users = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
-        if not later_users:
-            return False
-        self.context_start += later_users[0]
-        return True
+    def context_starts(self) -> list[int]:
+        """Where the context may start, most history first: where it starts now, then each later user message
+        (the n-th later start drops the n oldest exchanges still in context)."""
+        later = [i for i in range(self.context_start + 1, len(self.messages)) if self.messages[i]["role"] == "user"]
+        return [self.context_start, *later]
 
 
 def record(conversation: Conversation, params: GenerationParams, model: str, backend: str) -> dict[str, Any]:
@@ -97,36 +97,57 @@ def newest_session_file(directory: Path) -> Path | None:
 
 
 def describe_session_file(path: Path) -> str:
-    """One line for `chat --chats`: the file, when it was last written, its size and how it began."""
+    """One line for `chat --chats`: the file, when it was last written, how many messages and how it began;
+    for a file that is not a chat this can read, why not."""
     written = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        messages = data["messages"]
-        first = next((m["content"] for m in messages if m.get("role") == "user"), "")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as why:
-        return f"{path}  {written}  (not a chat this can read: {type(why).__name__})"
-    first = " ".join(readable(str(first)).split())
+        data = read_json(path, "a saved chat session", CHAT_MAX_BYTES)
+    except JSONFileError as why:
+        return f"{path}  {written}  (not a chat: {why.reason})"
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        return f"{path}  {written}  (not a chat: it has no 'messages' list)"
+    first = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"), "")
+    first = " ".join(readable(first if isinstance(first, str) else "").split())
     first = first if len(first) <= 60 else first[:57] + "..."
-    model = model_label(str(data.get("model") or ""))
+    model = model_label(data["model"]) if isinstance(data.get("model"), str) else ""
     return f"{path}  {written}  {len(messages)} messages" + (f"  {model}" if model else "") + f'  "{first}"'
 
 
-def save(path: Path, conversation: Conversation, params: GenerationParams, model: str, backend: str) -> None:
-    """Write the session as JSON atomically: a temporary file beside the target, then a rename."""
-    data = {**record(conversation, params, model, backend), "saved": now()}
+def is_chat_file(path: Path) -> bool:
+    """Whether path holds one of chat's own saved chats (so !save may replace it without being told to)."""
+    try:
+        data = read_json(path, "a saved chat session", CHAT_MAX_BYTES)
+    except ChatError:
+        return False
+    return data.get("format") == FORMAT
+
+
+def write(path: Path, data: dict[str, Any], replace_any: bool = False) -> None:
+    """Write a chat as JSON atomically: a temporary file beside the target, then a rename.
+
+    A file there that is not one of chat's chats is replaced only with replace_any; one that is keeps its
+    mode. A symbolic link is followed (the file it names is replaced, the link stays)."""
     path = path.expanduser()
     try:
-        if path.is_symlink():  # the rename replaces what the link points to, not the link
+        if path.is_symlink():
             path = path.resolve()
-        if path.exists() and not path.is_file():  # a rename onto /dev/null (as root) would replace the device
-            raise ChatError(f"{path} is not a regular file; pick another path")
+        mode = None
+        if path.exists():
+            if not path.is_file():  # a rename onto /dev/null (as root) would replace the device
+                raise ChatError(f"{path} is not a regular file; pick another path")
+            if not replace_any and not is_chat_file(path):
+                raise ChatError(f"{path} exists and is not a chat saved by chat; !save! {path} replaces it")
+            mode = stat.S_IMODE(path.stat().st_mode)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as why:
         raise ChatError(f"cannot write {path}: {why.strerror or why}; pick another path") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out, ensure_ascii=False, indent=2)
+            if mode is not None:
+                os.fchmod(out.fileno(), mode)
+            json.dump({**data, "saved": now()}, out, ensure_ascii=False, indent=2)
             out.write("\n")
             out.flush()
             os.fsync(out.fileno())
@@ -146,54 +167,62 @@ def load(path: Path, params: GenerationParams) -> tuple[Conversation, Generation
     """
     path = path.expanduser()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        data = read_json(path, "a saved chat session", CHAT_MAX_BYTES)
+    except NoSuchFile:
         raise ChatError(f"no file {path}; check the path (!save writes one)") from None
-    except IsADirectoryError:
-        raise ChatError(f"{path} is a directory; name a saved session file") from None
-    except (OSError, UnicodeDecodeError) as why:
-        raise ChatError(f"cannot read {path}: {getattr(why, 'strerror', None) or why}") from None
-    except ValueError as why:
-        raise ChatError(f"{path} is not valid JSON ({why}); nothing was loaded") from None
-    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+    except JSONFileError as why:
+        raise ChatError(f"{why}; nothing was loaded") from None
+
+    def bad(problem: str) -> ChatError:
+        return ChatError(f"{path}: {problem}; nothing was loaded")
+
+    if not isinstance(data.get("messages"), list):
         raise ChatError(f"{path} is not a saved chat session (it has no 'messages' list); nothing was loaded")
-    if data.get("format", FORMAT) != FORMAT or not isinstance(data.get("version", 1), int):
-        raise ChatError(f"{path} is a '{data.get('format')}' file, not a chat session; nothing was loaded")
-    if data.get("version", 1) > FORMAT_VERSION:
-        raise ChatError(f"{path} was saved by a newer chat (format {data['version']}); upgrade chat to load it")
+    kind, version = data.get("format", FORMAT), data.get("version", 1)
+    if kind != FORMAT:
+        named = f"a '{kind}'" if isinstance(kind, str) and len(kind) <= 40 else "another kind of"
+        raise ChatError(f"{path} is {named} file, not a chat session; nothing was loaded")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad("'version' must be a whole number")
+    if version > FORMAT_VERSION:
+        raise ChatError(f"{path} was saved by a newer chat (format {version}); upgrade chat to load it")
 
     system = data.get("system")
     messages: list[dict[str, Any]] = []
     for number, message in enumerate(data["messages"], 1):
         if not (isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)):
-            raise ChatError(
-                f"{path}: message {number} is not a {{'role', 'content'}} object with role "
-                f"{', '.join(ROLES)}; nothing was loaded"
-            )
+            raise bad(f"message {number} is not a {{'role', 'content'}} object with role {', '.join(ROLES)}")
+        if not isinstance(message.get("interrupted", False), bool):
+            raise bad(f"message {number}: 'interrupted' must be true or false")
         if message["role"] == "system":  # files from other tools keep the system prompt in the list
             system = message["content"]
             continue
         kept = {k: v for k, v in message.items() if k in ("role", "content", "interrupted")}
         messages.append({**kept, "content": readable(message["content"])})
     if system is not None and not isinstance(system, str):
-        raise ChatError(f"{path}: 'system' must be text; nothing was loaded")
+        raise bad("'system' must be text")
     system = None if system is None else readable(system)
 
     saved = data.get("parameters") or {}
     if not isinstance(saved, dict):
-        raise ChatError(f"{path}: 'parameters' must be an object; nothing was loaded")
+        raise bad("'parameters' must be an object")
     changes = {}
     for key, value in saved.items():
         try:
             changes[key] = parse_value(key, "none" if value is None else str(value))
         except ChatError as why:
-            raise ChatError(f"{path}: {why}; nothing was loaded") from None
+            raise bad(str(why)) from None
     try:
         params = params.replace(**changes)
     except ChatError as why:
-        raise ChatError(f"{path}: {why}; nothing was loaded") from None
+        raise bad(str(why)) from None
 
     start = data.get("context_start", 0)
-    start = start if isinstance(start, int) and 0 <= start <= len(messages) else 0
-    created = data.get("created") if isinstance(data.get("created"), str) else now()
+    if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= len(messages):
+        raise bad(f"'context_start' must be a whole number from 0 to {len(messages)}")
+    created = data.get("created", now())
+    if not isinstance(created, str):
+        if "format" in data:
+            raise bad("'created' must be text (a date and time)")
+        created = now()  # another tool's file may say when in its own way (a number, say)
     return Conversation(system=system, messages=messages, context_start=start, created=created), params

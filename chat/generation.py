@@ -11,6 +11,8 @@ import torch
 from chat.backends.base import Backend
 from chat.params import GenerationParams
 from chat.sampling import Sampler
+from chat.signals import Signals
+from chat.threads import ThreadTuner
 
 
 @dataclass
@@ -31,7 +33,7 @@ class ReplyStream:
     """Iterate to get the reply as text pieces; afterwards `text`, `finish` and `stats` describe it.
 
     finish is "eos" (the model ended), "stop" (a stop string), "length" (max_new_tokens or the
-    context limit) or, set by the caller on Ctrl+C, "interrupted".
+    context limit) or "interrupted" (Ctrl+C, or a closing signal: see chat.signals).
     """
 
     def __init__(
@@ -41,12 +43,16 @@ class ReplyStream:
         params: GenerationParams,
         generator: torch.Generator,
         stop_strings: Sequence[str] = (),
+        signals: Signals | None = None,
+        tuner: ThreadTuner | None = None,
     ):
         self.backend = backend
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.sampler = Sampler(params, backend.tokenizer.eos_token_ids, generator)
         self.stop_strings = [s for s in stop_strings if s]
+        self.signals = signals or Signals()  # Ctrl+C sets signals.stop: the reply ends before its next token
+        self.tuner = tuner  # follows other programs' use of the CPUs with torch's thread count
         self.text = ""  # what has been handed out
         self.finish = ""
         self.stats = ReplyStats(prompt_tokens=len(self.prompt_ids))
@@ -70,7 +76,9 @@ class ReplyStream:
 
     def _run(self, context: torch.Tensor, used: int, limit: int, started: float) -> Iterator[str]:
         backend, tokenizer = self.backend, self.backend.tokenizer
+        self.signals.prefilling = True
         logits = backend.prefill(self.prompt_ids)
+        self.signals.prefilling = False
         ids: list[int] = []
         pending = _Detokenizer(tokenizer)
         body = ""  # all text decoded so far, before stop-string trimming
@@ -97,7 +105,12 @@ class ReplyStream:
             piece = self._release(body)
             if piece:
                 yield piece
+            if self.signals.stop:
+                self.finish = "interrupted"
+                break
             if len(ids) < limit:
+                if self.tuner is not None:
+                    self.tuner.step()
                 logits = backend.decode(token)
         if self.finish != "stop":
             body += pending.flush()

@@ -9,18 +9,21 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from chat import conversation as storage
+from chat.chatfile import ChatFile
 from chat.conversation import Conversation
-from chat.params import GenerationParams, model_recommendations
+from chat.params import FLAG, LOADED, RECOMMENDED, GenerationParams, model_recommendations
 from chat.session import Session
 
 if TYPE_CHECKING:
     from chat.cli import Options
 
 
-def load_session(options: Options, announce: bool = True, source: str | None = None) -> Session:
+def load_session(options: Options, *, keep: bool, announce: bool = True, source: str | None = None) -> Session:
     """Load the model and make the session (its notes, e.g. why auto fell back, are for the caller to show).
 
-    source: the local directory options.model was resolved to (a Hub snapshot), if that is done already."""
+    keep: the chat keeps itself in options.keep_in as it goes (a chat at a terminal, or one resumed with
+    --continue). source: the local directory options.model was resolved to (a Hub snapshot), if that is
+    done already."""
     from chat.backends.base import LoadOptions
     from chat.backends.select import load_backend
 
@@ -37,13 +40,22 @@ def load_session(options: Options, announce: bool = True, source: str | None = N
     )
     backend = load_backend(load, options.backend)
     backend.info.model = options.model  # the name the user gave, for !status and saved sessions
-    # Ours, then what the model recommends, then what the user typed.
-    params = GenerationParams(**model_recommendations(backend.info.path)).replace(**options.param_changes)
+    # Ours, then what the model recommends, then a resumed chat's, then what the user typed.
+    recommended = model_recommendations(backend.info.path)
+    params = GenerationParams(**recommended)
+    sources = dict.fromkeys(recommended, RECOMMENDED)
     if options.load is not None:  # a resumed session brings its own parameters and history
-        conversation, params = storage.load(options.load, params)
+        conversation, loaded = storage.load(options.load, params)
+        sources.update({key: LOADED for key, value in loaded.as_dict().items() if value != getattr(params, key)})
+        params = loaded
         if options.system is not None:
             conversation.system = options.system
-    return Session(backend, options, conversation, params)
+    params = params.replace(**options.param_changes)
+    sources.update(dict.fromkeys(options.param_changes, FLAG))
+    chat_file = None
+    if keep and options.keep_in is not None:
+        chat_file = ChatFile(options.keep_in, owned=options.keep_in == options.load)
+    return Session(backend, options, conversation, params, chat_file=chat_file, param_sources=sources)
 
 
 class SessionLoad:
@@ -65,7 +77,7 @@ class SessionLoad:
         self._alert = background and hasattr(signal, "pthread_kill")  # not on Windows
         self._source = source
         if not background:
-            self._session = load_session(options, source=source)
+            self._session = load_session(options, keep=True, source=source)
             self._done.set()
             return
         if self._alert:
@@ -75,7 +87,7 @@ class SessionLoad:
 
     def _load(self) -> None:
         try:
-            self._session = load_session(self.options, announce=False, source=self._source)
+            self._session = load_session(self.options, keep=True, announce=False, source=self._source)
             self._session.warm_up()
         except BaseException as why:  # handed to the main thread as it is
             self._error = why

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chat.errors import UsageError
+from chat.jsonfile import MODEL_CONFIG_MAX_BYTES, JSONFileError, read_json
+
+# Where a parameter's value came from, when not from chat's defaults (shown by !status). Values given on
+# the command line win over a loaded chat's; a later !set or !load wins over what came before.
+FLAG = "command line"
+LOADED = "loaded chat"
+SET = "!set"
+RECOMMENDED = "model's generation_config"
 
 
 @dataclass
@@ -119,10 +126,10 @@ def model_recommendations(directory: str | Path) -> dict[str, Any]:
     Values that do not pass our checks are ignored: they are advice, not the user's input.
     """
     try:
-        config = json.loads((Path(directory) / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = read_json(Path(directory) / "generation_config.json", "a generation config", MODEL_CONFIG_MAX_BYTES)
+    except JSONFileError:
         return {}
-    if not isinstance(config, dict) or config.get("do_sample") is not True:
+    if config.get("do_sample") is not True:
         return {}
     values = {}
     for key in ("temperature", "top_k", "top_p", "repetition_penalty"):

@@ -223,7 +223,8 @@ def keys_kept_between_prompts(keyboard: TextIO, screen: TextIO) -> Iterator[Call
         try:
             return input(prompt)
         finally:
-            termios.tcsetattr(fd, termios.TCSANOW, busy)
+            with contextlib.suppress(termios.error):  # the terminal may be gone (a hang-up)
+                termios.tcsetattr(fd, termios.TCSANOW, busy)
 
     termios.tcsetattr(fd, termios.TCSANOW, busy)
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from chat.backends.base import LoadOptions
 from chat.backends.transformers_backend import TransformersBackend
+from chat.chatfile import ChatFile
 from chat.cli import parse_args
 from chat.conversation import Conversation
 from chat.params import GenerationParams
@@ -33,12 +34,14 @@ def backend_for(model: Path) -> TransformersBackend:
     return _BACKENDS[key]
 
 
-def make_session(model: Path, *args: str) -> Session:
+def make_session(model: Path, *args: str, keep: bool = False) -> Session:
+    """keep: the session keeps itself in a file as it goes (as a chat at a terminal does)."""
     options = parse_args([str(model), "--seed", "0", *args])
     conversation = Conversation(system=options.system)
     params = GenerationParams().replace(**options.param_changes)
-    session = Session(backend_for(model), options, conversation, params, out=io.StringIO(), err=io.StringIO())
-    return session
+    chat_file = ChatFile(options.keep_in) if keep else None
+    backend = backend_for(model)
+    return Session(backend, options, conversation, params, out=io.StringIO(), err=io.StringIO(), chat_file=chat_file)
 
 
 def output(session: Session) -> tuple[str, str]:

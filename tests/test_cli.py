@@ -177,7 +177,9 @@ def test_chats_lists_the_kept_chats_the_last_first_without_a_model_or_torch(tmp_
     assert [line.split()[0] for line in lines[1:]] == [
         str(tmp_path / f"chat-{year}0101-000000.json") for year in (2025, 2026, 2027)
     ]
-    assert lines[1].endswith("(not a chat this can read: JSONDecodeError)")
+    assert lines[1].endswith(
+        "(not a chat: not valid JSON: Expecting property name enclosed in double quotes at line 1 column 3)"
+    )
     assert lines[2].endswith('1 messages  smol  "What is the capital of France?"') and lines[3].endswith(
         '0 messages  ""'
     )

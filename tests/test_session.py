@@ -112,12 +112,12 @@ def test_threads_option_sets_torch_threads(request, backend):
     model = request.getfixturevalue("tiny_llama" if backend == "transformers" else "llama_artifact")
     before = torch.get_num_threads()
     try:
-        session = load_session(parse_args([str(model), "--threads", "1", "--backend", backend]))
+        session = load_session(parse_args([str(model), "--threads", "1", "--backend", backend]), keep=False)
         assert torch.get_num_threads() == 1 and session.backend.info.threads == 1
         session.out, session.err = io.StringIO(), io.StringIO()
         session.handle("!status")
         out = output(session)[0]
-        assert "cpu, float32, " in out and ", 1 thread\n" in out
+        assert "cpu, float32, " in out and ", 1 thread (--threads)\n" in out
     finally:
         torch.set_num_threads(before)
 
@@ -150,7 +150,7 @@ def test_background_load_warms_up_and_replies_as_a_cold_load(llama_artifact):
 
     argv = [str(llama_artifact), "--temperature", "0", "--max-new-tokens", "8", "--system", "Be brief."]
     warm = SessionLoad(parse_args(argv), background=True).session(lambda _: None)
-    cold = load_session(parse_args(argv))
+    cold = load_session(parse_args(argv), keep=False)
     assert warm.backend._cached and not cold.backend._cached
     replies = []
     for session in (warm, cold):
@@ -211,9 +211,9 @@ def test_undo(session):
 def test_regen_that_fails_keeps_message_and_reply(session):
     session.ask("Hello")
     before = list(session.conversation.messages)
-    session.handle("!set max_new_tokens=1000")  # over the tiny model's 256-token context
+    session.handle("!system " + "word " * 400)  # over the tiny model's 256-token context
     session.handle("!regen")
-    assert "leaves no room" in output(session)[1]
+    assert "shorten it or the system prompt" in output(session)[1]
     assert session.conversation.messages == before
 
 
@@ -251,19 +251,22 @@ def test_save_default_dir(tiny_llama, tmp_path):
 
 
 def test_a_chat_is_kept_after_each_change_in_a_file_of_its_own(tiny_llama, tmp_path):
-    """Autosave: written when the chat changed; !clear and !load start a new file (the chat before stays in
-    its own); a file of the same name from another chat is not overwritten."""
+    """Autosave: written when the chat changed, the question before its reply; !clear empties the file's
+    chat (the file goes) and !load starts a new file (the chat before stays in its own); a file of the same
+    name from another chat is not overwritten."""
     sessions = tmp_path / "sessions"
-    session = make_session(tiny_llama, "--save-dir", str(sessions), "--max-new-tokens", "2")
-    taken = session.options.keep_in
+    session = make_session(tiny_llama, "--save-dir", str(sessions), "--max-new-tokens", "2", keep=True)
+    taken = session.chat_file.path
     sessions.mkdir()
     taken.write_text("another chat's")
     session.keep()
     assert list(sessions.iterdir()) == [taken]  # nothing to keep yet
     session.ask("first")
-    session.keep()
-    first = session.options.keep_in
+    first = session.chat_file.path
     assert first.name == f"{taken.stem}-2.json" and taken.read_text() == "another chat's"
+    assert [m["role"] for m in json.loads(first.read_text())["messages"]] == ["user"]  # before the reply
+    session.keep()
+    assert [m["role"] for m in json.loads(first.read_text())["messages"]] == ["user", "assistant"]
     written = first.stat().st_mtime_ns
     session.handle("!status")
     session.keep()
@@ -271,34 +274,58 @@ def test_a_chat_is_kept_after_each_change_in_a_file_of_its_own(tiny_llama, tmp_p
     session.handle("!set temperature=0.3")
     session.keep()
     assert json.loads(first.read_text())["parameters"]["temperature"] == 0.3
+    output(session)
     session.handle("!clear")
+    assert f"history cleared; {first} is removed" in output(session)[0]
+    session.keep()
+    assert not first.exists()
     session.ask("second")
     session.keep()
-    second = session.options.keep_in
-    assert second != first and json.loads(first.read_text())["messages"][0]["content"] == "first"
-    assert json.loads(second.read_text())["messages"][0]["content"] == "second"
+    assert session.chat_file.path == first and json.loads(first.read_text())["messages"][0]["content"] == "second"
+    saved = sessions / "saved.json"
+    session.handle(f"!save {saved}")
+    session.handle(f"!load {saved}")
+    session.ask("third")
+    session.keep()
+    third = session.chat_file.path
+    assert third not in (first, saved) and len(json.loads(first.read_text())["messages"]) == 2
+    assert [m["content"] for m in json.loads(third.read_text())["messages"]][::2] == ["second", "third"]
     output(session)
     session.handle("!save")  # without a path: the chat's own file
-    assert f"to {second}" in output(session)[0] and len(list(sessions.iterdir())) == 3
+    assert f"to {third}" in output(session)[0] and len(list(sessions.iterdir())) == 4
     session.handle("!status")
-    assert "kept in     nowhere yet" in output(session)[0]  # not at a terminal: only what !save writes
-    session.conversational = True
-    session.handle("!status")
-    assert f"kept in     {second}\n" in output(session)[0]
+    assert f"kept in     {third}\n" in output(session)[0]
 
 
-def test_a_chat_that_cannot_be_kept_says_so_once_and_goes_on(tiny_llama, tmp_path):
-    blocked = tmp_path / "file"
-    blocked.write_text("not a directory")
-    session = make_session(tiny_llama, "--save-dir", str(blocked / "sessions"), "--max-new-tokens", "2")
+def test_undo_of_the_only_exchange_removes_the_file(tiny_llama, tmp_path):
+    session = make_session(tiny_llama, "--save-dir", str(tmp_path), "--max-new-tokens", "2", keep=True)
+    session.ask("gone soon")
+    session.keep()
+    path = session.chat_file.path
+    assert path.exists()
+    session.handle("!undo")
+    session.keep()
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_chat_that_cannot_be_kept_says_so_once_retries_and_says_when_it_is_kept_again(tiny_llama, tmp_path):
+    sessions = tmp_path / "sessions"
+    sessions.write_text("a file where the directory should be")  # root may write anywhere else
+    session = make_session(tiny_llama, "--save-dir", str(sessions), "--max-new-tokens", "2", keep=True)
     session.ask("Hello")
     session.keep()
     err = output(session)[1]
-    assert "cannot write" in err and "not kept on disk from now on (!save PATH saves it)" in err
-    assert err.count("\n") == 1 and session.options.keep_in is None
+    assert "cannot write" in err and "not on disk: chat tries again after the next change" in err
+    assert err.count("\n") == 1 and session.unsaved()
+    session.handle("!status")
+    assert "kept in     not on disk:" in output(session)[0]
     assert session.ask("Again")
     session.keep()
-    assert output(session)[1] == ""
+    assert output(session)[1] == "" and session.unsaved()  # said once
+    sessions.unlink()
+    session.ask("Once more")
+    session.keep()
+    assert session.unsaved() is None and len(json.loads(session.chat_file.path.read_text())["messages"]) == 6
 
 
 def test_save_dir_follows_xdg(tiny_llama, tmp_path, monkeypatch):
@@ -407,7 +434,7 @@ def test_replies_are_labelled_with_the_models_name():
 
 
 def test_load_needs_path_and_lists_the_chats_kept_last(tiny_llama, tmp_path):
-    session = make_session(tiny_llama, "--save-dir", str(tmp_path), "--max-new-tokens", "2")
+    session = make_session(tiny_llama, "--save-dir", str(tmp_path), "--max-new-tokens", "2", keep=True)
     session.handle("!load")
     assert "usage: !load PATH" in output(session)[1]
     session.ask("Hello")
@@ -416,7 +443,7 @@ def test_load_needs_path_and_lists_the_chats_kept_last(tiny_llama, tmp_path):
     session.handle("!load")
     out, err = output(session)
     assert err == "" and out.startswith(f"usage: !load PATH; the chats kept last in {tmp_path}:\n")
-    assert f"{session.options.keep_in}  " in out and '2 messages  tiny-llama0  "Hello"' in out
+    assert f"{session.chat_file.path}  " in out and '2 messages  tiny-llama0  "Hello"' in out
 
 
 def test_context_drop_oldest(tiny_llama):
@@ -453,10 +480,10 @@ def test_message_longer_than_context_refused(session):
     assert session.ask("Still here?")
 
 
-def test_max_new_tokens_bigger_than_context(session):
+def test_max_new_tokens_bigger_than_context_caps_the_reply(session):
     session.handle("!set max_new_tokens=1000")
-    assert not session.ask("Hi")
-    assert "leaves no room" in output(session)[1] and session.conversation.messages == []
+    assert session.ask("Hi")
+    assert "(this reply can be at most" in output(session)[1]
 
 
 def test_plain_transcript_for_model_without_template(tiny_gpt2):
@@ -483,7 +510,7 @@ def test_model_recommendations_then_user_choices(tiny_llama, tmp_path):
     (model / "generation_config.json").write_text(
         json.dumps({"eos_token_id": 2, "do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": "bad"})
     )
-    session = load_session(parse_args([str(model), "--top-p", "0.5"]))
+    session = load_session(parse_args([str(model), "--top-p", "0.5"]), keep=False)
     assert (session.params.temperature, session.params.top_p, session.params.top_k) == (0.2, 0.5, 50)
     (model / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.1}))
-    assert load_session(parse_args([str(model)])).params.temperature == 0.7  # not sampling: no advice taken
+    assert load_session(parse_args([str(model)]), keep=False).params.temperature == 0.7  # not sampling: no advice taken

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from chat.backends.base import BackendInfo, LoadOptions, Message, common_prefix, cpu_threads
+from chat.backends.base import BackendInfo, LoadOptions, Message, common_prefix
 from chat.backends.hub import locate_model
 from chat.errors import ChatError, UsageError
+from chat.jsonfile import MODEL_CONFIG_MAX_BYTES, JSONFileError, NoSuchFile, read_json
+from chat.threads import StartingThreads
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds memory and keeps Ctrl+C responsive
 
@@ -61,14 +62,18 @@ class HFTokenizer:
 def check_model_dir(path: Path, trust_remote_code: bool) -> dict:
     """Read config.json and fail early, in one line, on what transformers would fail on later."""
     config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ChatError(f"{path} has no config.json; is this a Hugging Face model directory?")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError:
-        config = None
-    if not isinstance(config, dict):
-        raise ChatError(f"{config_path} is not valid JSON; re-download or re-create the model")
+        config = read_json(config_path, "a model config", MODEL_CONFIG_MAX_BYTES)
+    except NoSuchFile:
+        raise ChatError(f"{path} has no config.json; is this a Hugging Face model directory?") from None
+    except JSONFileError as why:
+        raise ChatError(f"{why}; re-download or re-create the model") from None
+    try:  # transformers reads it with the weights, and blames them for a file it cannot use
+        read_json(path / "generation_config.json", "a generation config", MODEL_CONFIG_MAX_BYTES)
+    except NoSuchFile:
+        pass  # transformers takes the generation settings from config.json
+    except JSONFileError as why:
+        raise ChatError(f"{why}; re-download or re-create the model") from None
     if "model_type" not in config:
         raise ChatError(f"{config_path} names no model_type; is this a Hugging Face causal LM?")
     import transformers
@@ -100,7 +105,8 @@ class TransformersBackend:
         config = check_model_dir(path, options.trust_remote_code)
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
-        torch.set_num_threads(cpu_threads(options))
+        threads = StartingThreads(options, device.type)
+        torch.set_num_threads(threads.count)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         common = {"trust_remote_code": options.trust_remote_code, "local_files_only": True}
@@ -125,6 +131,7 @@ class TransformersBackend:
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         self.tokenizer = HFTokenizer(tokenizer, eos)
+        torch.set_num_threads(threads.settle())
         self.info = BackendInfo(
             name="transformers",
             model=options.model,
@@ -133,6 +140,7 @@ class TransformersBackend:
             dtype=str(dtype).removeprefix("torch."),
             context_length=_context_length(model.config),
             threads=torch.get_num_threads(),
+            threads_reason=threads.reason,
         )
         self._device = device
         self._cache_arg = cache_argument(model)
