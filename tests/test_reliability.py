@@ -8,12 +8,12 @@ import os
 import resource
 import signal
 import stat
-import subprocess
 import sys
 
 import pexpect
 import pytest
 from helpers import make_session, output
+from test_cli import run_chat
 from test_terminal import PROMPT, quit_with_eof, saved, spawn
 
 LONG_REPLY = ("--temperature", "0", "--max-new-tokens", "400", "--min-new-tokens", "400")
@@ -27,27 +27,17 @@ def messages(path) -> list[dict]:
     return json.loads(path.read_text())["messages"]
 
 
-def run_chat(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "chat", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-
-
 @pytest.mark.demo
-@pytest.mark.parametrize("path", ["fallback ops", "transformers"])
-def test_ctrl_c_mid_reply_keeps_the_partial_reply_on_every_path(demo_model, tmp_path, monkeypatch, path):
-    """On torch's fallback ops (a Python op inside TorchScript), Ctrl+C once came out as a RuntimeError; the
-    native kernels' path is tests/test_terminal.py's."""
-    monkeypatch.setenv("CHAT_NATIVE_DIR", str(tmp_path / "empty"))
+@pytest.mark.parametrize("path", ["native kernels", "fallback ops", "transformers"])
+def test_streaming_and_ctrl_c_mid_reply_keep_the_partial_reply_on_every_path(demo_model, tmp_path, monkeypatch, path):
+    """On torch's fallback ops (a Python op inside TorchScript), Ctrl+C once came out as a RuntimeError."""
+    if path != "native kernels":
+        monkeypatch.setenv("CHAT_NATIVE_DIR", str(tmp_path / "empty"))
     backend = ("--backend", "transformers") if path == "transformers" else ()
     child = spawn(demo_model, *LONG_REPLY, *backend, tmp_path=tmp_path)
     child.sendline("Write a long story about a lighthouse keeper.")
     child.expect_exact("smollm2-135m-instruct: ")
+    # Streaming: words arrive while the reply is still being written (400 tokens take many seconds).
     child.expect(r"\w+ \w+ \w+")
     child.sendintr()
     child.expect_exact("(interrupted; the partial reply is kept)", timeout=5)
@@ -57,6 +47,9 @@ def test_ctrl_c_mid_reply_keeps_the_partial_reply_on_every_path(demo_model, tmp_
     question, reply = data["messages"]
     assert question["content"].startswith("Write a long story") and reply.get("interrupted") is True
     assert reply["content"]
+    child.sendline("!status")
+    child.expect_exact("last reply")
+    child.expect_exact(PROMPT)
     quit_with_eof(child)
 
 
