@@ -86,7 +86,7 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
-    fix = f"re-export it: scripts/export_torchscript.py SOURCE_MODEL {directory}"
+    fix = f"re-export it: python -m chat.export SOURCE_MODEL {directory}"
     try:
         manifest = read_json(path, "a chat TorchScript manifest", MANIFEST_MAX_BYTES)
     except NoSuchFile:

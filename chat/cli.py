@@ -27,7 +27,7 @@ Usage:
   chat -h | --help
   chat --version
 
-MODEL is a local model directory, a TorchScript artifact directory (see scripts/export_torchscript.py)
+MODEL is a local model directory, a TorchScript artifact directory (make one: python -m chat.export)
 or a Hugging Face Hub id such as gpt2. Without one, chat opens the demo model (`make demo` fetches it).
 
 Options:

@@ -21,7 +21,8 @@ def bundled_main() -> int:
         print(
             "chat: error: this standalone chat runs TorchScript artifacts only (it has no transformers); "
             "name an artifact directory, or a model directory with one in torchscript/ "
-            "(export it with scripts/export_torchscript.py), or install chat with pip for other models",
+            "(export one where chat is installed with pip: python -m chat.export MODEL OUTDIR), "
+            "or install chat with pip for other models",
             file=sys.stderr,
         )
         return 1

@@ -1,69 +1,20 @@
 #!/usr/bin/env python3
-"""Export a Hugging Face causal LM to a TorchScript artifact directory for `chat`.
+"""Export a model to a TorchScript artifact for chat: the same command line as `python -m chat.export`.
 
-Usage:
-  export_torchscript.py MODEL OUTDIR [--device=DEVICE] [--dtype=DTYPE] [--max-len=N] [--quantize=KIND] [--verify]
-  export_torchscript.py (-h | --help)
-
-Arguments:
-  MODEL            a local model directory or a Hugging Face Hub id (llama, mistral, qwen2, phi3, gpt2)
-  OUTDIR           where the artifact goes; `chat --model MODEL_DIR` finds it by itself when OUTDIR is
-                   MODEL_DIR/torchscript/DEVICE-DTYPE, and `chat --model OUTDIR` runs it from anywhere
-
-Options:
-  --device=DEVICE  cpu or cuda: the artifact runs only there [default: cpu]
-  --dtype=DTYPE    float32, bfloat16 or float16 [default: float32]
-  --max-len=N      most tokens per conversation (the KV cache size); default: the model's limit, at most 4096
-  --quantize=KIND  int8: matmul weights as int8 with a scale per row, about half the bytes of bfloat16 and
-                   faster decode (CPU only; --verify then compares with transformers on the same int8 weights)
-  --verify         compare 32 greedy tokens on a few prompts with transformers; fail on a differing token
-  -h --help        show this
+Installed chat (pip, the Docker images) needs no script: run `python -m chat.export MODEL OUTDIR [options]`.
+This one is for a source checkout, where chat may not be installed.
 """
 
 from __future__ import annotations
 
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if find_spec("chat") is None:  # not installed: use the package of the checkout this script is in
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from docopt import DocoptExit, docopt
-
-from chat.errors import ChatError, UsageError
-
-
-def main() -> int:
-    try:
-        args = docopt(__doc__)
-    except DocoptExit:
-        print("export_torchscript: give MODEL and OUTDIR, and only the options --help lists", file=sys.stderr)
-        return 2
-    try:
-        max_len = None
-        if args["--max-len"] is not None:
-            max_len = int(args["--max-len"]) if args["--max-len"].isdigit() else 0
-            if max_len <= 0:
-                raise UsageError(f"--max-len={args['--max-len']}: give a whole number above 0")
-        from chat.export import export, stderr_progress
-
-        export(
-            args["MODEL"],
-            args["OUTDIR"],
-            device=args["--device"],
-            dtype=args["--dtype"],
-            max_len=max_len,
-            quantize=args["--quantize"],
-            verify=args["--verify"],
-            progress=stderr_progress(),
-        )
-    except ChatError as why:
-        print(f"export_torchscript: {why}", file=sys.stderr)
-        return why.exit_code
-    except KeyboardInterrupt:
-        print("export_torchscript: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
-
+from chat.export.__main__ import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

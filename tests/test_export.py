@@ -1,5 +1,5 @@
 """Export to a TorchScript artifact: verify against transformers, the manifest, atomic writes, refusals,
-the script's command line, and the demo model."""
+the command line (python -m chat.export), the developer tools in tools/, and the demo model."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from chat.export.model import quiet_torchscript
 from chat.generation import ReplyStream
 from chat.params import GenerationParams
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "export_torchscript.py"
+REPO = Path(__file__).resolve().parent.parent
+EXPORTER = [sys.executable, "-m", "chat.export"]
+TOOLS = REPO / "tools"
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
@@ -201,10 +203,10 @@ def test_refusals(tiny_llama, tmp_path):
         export(str(tiny_llama), tmp_path / "out", device="cuda", quantize="int8")
 
 
-def test_script_command_line(tiny_llama, tmp_path):
+def test_command_line(tiny_llama, tmp_path):
     out = tmp_path / "art"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tiny_llama), str(out), "--max-len=40", "--dtype=bfloat16"],
+        [*EXPORTER, str(tiny_llama), str(out), "--max-len=40", "--dtype=bfloat16"],
         capture_output=True,
         text=True,
         check=False,
@@ -220,9 +222,32 @@ def test_script_command_line(tiny_llama, tmp_path):
         ([str(tiny_llama)], "give MODEL and OUTDIR"),
         ([str(tiny_llama), str(blocked / "art")], "cannot write in"),
     ]:
-        bad = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=False)
+        bad = subprocess.run([*EXPORTER, *args], capture_output=True, text=True, check=False)
         assert bad.returncode == 2, args
         assert bad.stderr.strip().count("\n") == 0 and message in bad.stderr
+
+
+def test_help_works_from_any_folder_without_torch(tmp_path):
+    """An installed chat exports from anywhere (the Docker images have no checkout), and --help imports no torch."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "chat.export", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    )
+    assert done.stdout.startswith("Export a Hugging Face causal LM") and "chat.export MODEL OUTDIR" in done.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in done.stderr.splitlines()}
+    assert "chat" in imported and "torch" not in imported and "transformers" not in imported
+
+
+def test_script_in_the_checkout_runs_the_same_command_line(tmp_path):
+    script = REPO / "scripts" / "export_torchscript.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    module = subprocess.run([*EXPORTER, "--help"], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert done.returncode == 0 and done.stdout == module.stdout
 
 
 @pytest.mark.demo
@@ -274,7 +299,7 @@ def test_float32_replies_identical_across_backends_on_a_chat_prompt(tiny_llama, 
 
 @pytest.mark.slow
 def test_bench_runs_both_backends(tiny_llama, tmp_path):
-    """scripts/bench.py end to end on the tiny model (speeds are reported, never asserted)."""
+    """tools/bench.py end to end on the tiny model (speeds are reported, never asserted)."""
     import shutil
 
     model = tmp_path / "model"
@@ -282,7 +307,7 @@ def test_bench_runs_both_backends(tiny_llama, tmp_path):
     done = subprocess.run(
         [
             sys.executable,
-            str(SCRIPT.parent / "bench.py"),
+            str(TOOLS / "bench.py"),
             f"--model={model}",
             "--device=cpu",
             "--dtypes=float32",
@@ -307,7 +332,7 @@ def test_bench_re_exports_an_artifact_older_than_the_exporter(tmp_path):
     import os
     import time
 
-    spec = importlib.util.spec_from_file_location("bench", SCRIPT.parent / "bench.py")
+    spec = importlib.util.spec_from_file_location("bench", TOOLS / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     (tmp_path / MANIFEST).write_text("{}")
@@ -321,18 +346,18 @@ def test_bench_re_exports_an_artifact_older_than_the_exporter(tmp_path):
 def test_bench_peak_memory_is_the_workers_own():
     """Workers start after the parent may have exported (GBs); their peak must not include the parent's."""
     parent = bytearray(400 * 2**20)  # 400 MiB, touched
-    code = f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import bench; print(bench.peak_rss_mib())"
+    code = f"import sys; sys.path.insert(0, {str(TOOLS)!r}); import bench; print(bench.peak_rss_mib())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(done.stdout) < 300 and len(parent) > 0
 
 
 def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
-    """scripts/profile_decode.py, the tool that says where a decode step goes, runs on an artifact."""
+    """tools/profile_decode.py, the tool that says where a decode step goes, runs on an artifact."""
     artifact = export(str(tiny_llama), tmp_path / "ts", max_len=64)
     done = subprocess.run(
         [
             sys.executable,
-            str(SCRIPT.parent / "profile_decode.py"),
+            str(TOOLS / "profile_decode.py"),
             str(artifact),
             "--context=9",
             "--steps=3",
@@ -349,9 +374,9 @@ def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
 
 
 def test_int8_quality_script_compares_the_rounded_model(tiny_llama):
-    """scripts/int8_quality.py, which measures what int8 rounding costs a model, runs and reports both."""
+    """tools/int8_quality.py, which measures what int8 rounding costs a model, runs and reports both."""
     done = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "int8_quality.py"), f"--model={tiny_llama}", "--tokens=5"],
+        [sys.executable, str(TOOLS / "int8_quality.py"), f"--model={tiny_llama}", "--tokens=5"],
         capture_output=True,
         text=True,
         check=False,
@@ -360,21 +385,6 @@ def test_int8_quality_script_compares_the_rounded_model(tiny_llama):
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines[1:4]] == ["original", "int8", "bfloat16"] and "perplexity" in lines[2]
     assert lines[4].startswith("greedy tokens that agree with the original's") and len(lines) == 10
-
-
-def test_gpu_experiments_script_runs(tiny_llama):
-    """scripts/gpu_experiments.py, prepared for the GPU sessions, runs end to end (on the CPU here)."""
-    script = SCRIPT.parent / "gpu_experiments.py"
-    options = ["--device=cpu", "--dtype=float32", "--tokens=2", "--contexts=8,20"]
-    done = subprocess.run(
-        [sys.executable, str(script), str(tiny_llama), *options],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "baseline" in done.stdout and "fused_residual" in done.stdout and "failed" not in done.stdout
-    assert "after    20 tokens" in done.stdout
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])

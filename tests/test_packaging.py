@@ -176,6 +176,20 @@ def test_spec_leaves_out_transformers_and_uses_its_torch_hook():
     assert (REPO / "packaging" / "hooks" / "hook-torch.py").is_file()
 
 
+def test_bundle_asking_for_transformers_names_the_installed_exporter(monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("bundle_entry", REPO / "packaging" / "entry.py")
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+
+    def needs_transformers() -> int:
+        raise ModuleNotFoundError("No module named 'transformers'", name="transformers")
+
+    monkeypatch.setattr(entry, "main", needs_transformers)
+    assert entry.bundled_main() == 1
+    err = capsys.readouterr().err
+    assert "python -m chat.export MODEL OUTDIR" in err and err.count("\n") == 1
+
+
 TRACE_IMPORTS = """
 import atexit, json, runpy, sys
 atexit.register(lambda: print("\\nMODULES " + json.dumps(sorted(sys.modules))))

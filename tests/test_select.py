@@ -1,4 +1,4 @@
-"""Backend choice (issue 3 §3): auto finds artifacts, every artifact fault is refused by --backend torchscript
+"""Backend choice: auto finds artifacts, every artifact fault is refused by --backend torchscript
 in one line and handled by auto (fallback to transformers with a note, or one error naming each cause)."""
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_auto_without_artifact_runs_transformers(tiny_llama):
     backend = load(tiny_llama)
     assert backend.info.name == "transformers"
     assert "no TorchScript artifact for cpu" in backend.info.reason
-    assert "scripts/export_torchscript.py" in backend.info.reason
+    assert "python -m chat.export " in backend.info.reason
 
 
 def test_explicit_backends(model):
@@ -152,7 +152,7 @@ def test_dtype_picks_the_artifact(model):
 
 
 def test_torchscript_without_artifact_names_the_export_command(tiny_llama):
-    with pytest.raises(ChatError, match=r"scripts/export_torchscript\.py") as error:
+    with pytest.raises(ChatError, match=r"python -m chat\.export ") as error:
         load(tiny_llama, "torchscript")
     assert "\n" not in str(error.value)
 

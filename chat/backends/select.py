@@ -1,4 +1,4 @@
-"""Pick and load the backend for a model (issue 3 §3).
+"""Pick and load the backend for a model: TorchScript where an artifact fits this device, else transformers.
 
 `--backend auto`: an artifact directory, or a model directory holding an artifact exported for this device
 (MODEL_DIR/torchscript/DEVICE-DTYPE/), runs on TorchScript; anything else on transformers. When an artifact
@@ -89,7 +89,7 @@ def find_artifact(options: LoadOptions) -> tuple[Path | None, str]:
     target = candidates[0]
     return None, (
         f"no TorchScript artifact for {device_type} in {path / ARTIFACTS_SUBDIR} "
-        f"(make one: scripts/export_torchscript.py {path} {target} --device={device_type} --dtype={dtypes[0]})"
+        f"(make one: python -m chat.export {path} {target} --device={device_type} --dtype={dtypes[0]})"
     )
 
 

@@ -2,6 +2,9 @@
 
 transformers is used here, at export time only: to read the weights, the RoPE table and (for --verify)
 the reference tokens. The artifact is loaded later with torch and tokenizers alone.
+
+torch is imported by the functions that use it, not by this package, so that `python -m chat.export --help`
+answers at once.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from chat import native
 from chat.artifact import MODEL_FILE, is_artifact, sha256_file, write_manifest
 from chat.errors import ChatError, UsageError
-from chat.export.model import LeanLM, allocate_cache, fewest_ops, quiet_torchscript, transposed_weights
+
+if TYPE_CHECKING:
+    import torch
+
+    from chat.export.model import LeanLM
 
 COPIED_FILES = (
     "tokenizer.json",
@@ -63,10 +69,13 @@ def export(
 ) -> Path:
     """Write the artifact of `model` (a directory or Hub id) to `outdir`, atomically; return outdir.
     quantize="int8": matmul weights as int8 with a scale per row (chat.export.quantize; CPU only)."""
+    import torch
+
     from chat.backends.base import LoadOptions
     from chat.backends.hub import locate_model
     from chat.backends.transformers_backend import check_model_dir, resolve_device
     from chat.export.families import context_limit, convert, family_of
+    from chat.export.model import LeanLM, allocate_cache, fewest_ops, quiet_torchscript, transposed_weights
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype={dtype}: use float32, bfloat16 or float16")
@@ -201,6 +210,10 @@ def _native_kernels(progress: Progress) -> bool:
 
 def trace(lean: LeanLM, max_len: int, device: torch.device) -> torch.jit.ScriptModule:
     """Trace prefill and decode into one module that shares the cache buffers."""
+    import torch
+
+    from chat.export.model import quiet_torchscript
+
     lean.allocate(max_len)
     positions = torch.arange(max_len, device=device)
     ids = torch.arange(3, 10, device=device) % lean.shape.vocab_size
@@ -221,6 +234,8 @@ def verify_artifact(directory: Path, hf, progress: Progress) -> None:
     transformers' greedy tokens (teacher forcing); a step where the artifact picks another token passes only
     when transformers' own logits call it a near tie (within 2 units in the last place of its top logit),
     since fused matmuls round differently in 16-bit. Raises ChatError on a failure."""
+    import torch
+
     from chat.backends.torchscript_backend import TorchScriptBackend
 
     backend = TorchScriptBackend(directory)
@@ -252,8 +267,8 @@ def verify_artifact(directory: Path, hf, progress: Progress) -> None:
         backend.close()
 
 
-@torch.inference_mode()
 def _hf_greedy(hf, ids: list[int], count: int) -> tuple[list[int], list[torch.Tensor]]:
+    import torch
     from transformers import DynamicCache
 
     from chat.backends.transformers_backend import cache_argument
@@ -263,12 +278,13 @@ def _hf_greedy(hf, ids: list[int], count: int) -> tuple[list[int], list[torch.Te
     cache = DynamicCache()
     step_ids = torch.tensor([ids], device=device)
     tokens, logits = [], []
-    for _ in range(count):
-        out = hf(input_ids=step_ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
-        row = out.logits[0, -1].float()
-        tokens.append(int(row.argmax()))
-        logits.append(row)
-        step_ids = torch.tensor([[tokens[-1]]], device=device)
+    with torch.inference_mode():
+        for _ in range(count):
+            out = hf(input_ids=step_ids, use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            row = out.logits[0, -1].float()
+            tokens.append(int(row.argmax()))
+            logits.append(row)
+            step_ids = torch.tensor([[tokens[-1]]], device=device)
     return tokens, logits
 
 

@@ -23,7 +23,7 @@ the residual stream and the caches keep the model's dtype, as in the exported mo
 
 It is a candidate only: it becomes exporter code if it wins on the GPU. fused_decode() patches the exporter
 (prefill is unchanged; other families, biases and partial RoPE keep the exported decode). Without a GPU the
-kernels run on CPU tensors under TRITON_INTERPRET=1 (tests/test_triton_decode.py).
+kernels run on CPU tensors under TRITON_INTERPRET=1 (experiments/test_triton_decode.py).
 """
 
 import contextlib

@@ -27,7 +27,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# chat when it is not installed, and tools/ for profile_decode's timing (triton_decode is beside this script).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 from docopt import docopt
 
@@ -58,14 +60,14 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
 }
 if importlib.util.find_spec("triton"):  # CUDA builds of torch bring triton; CPU ones (CI's) do not
     # At import: registers the chat_triton ops, which loading the variant's artifact needs.
-    from triton_decode import fused_decode  # this script's folder is on sys.path
+    from triton_decode import fused_decode
 
     VARIANTS["triton_fused"] = fused_decode
 
 
 def main() -> int:
     args = docopt(__doc__)
-    from profile_decode import fresh_prompt, seconds_per_step  # this script's folder is on sys.path
+    from profile_decode import fresh_prompt, seconds_per_step
 
     from chat.backends.base import LoadOptions
     from chat.backends.torchscript_backend import TorchScriptBackend

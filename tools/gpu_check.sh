@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 3 §4): a model of the demo's shape with random weights (the real
+# One prepared GPU check: a model of the demo's shape with random weights (the real
 # tokenizer and config, carried in .gpu/smol), exported on CUDA with --verify, the CUDA tests, and the
-# side-by-side bench. Usage on a GPU machine, from the repository root: bash scripts/gpu_check.sh [OUTDIR]
+# side-by-side bench. Usage on a GPU machine, from the repository root: bash tools/gpu_check.sh [OUTDIR]
 # Needs python3 with torch, transformers, tokenizers, safetensors, jinja2 and pytest; docopt-ng may come
 # as a wheel in .whl/ (the GPU machines have no network). Prepare .gpu/smol (git-excluded, 3.4 MB) with:
 #   mkdir -p .gpu/smol && cp models/smollm2-135m-instruct/{tokenizer.json,tokenizer_config.json,\
@@ -39,29 +39,29 @@ print("saved", sorted(p.name for p in out.iterdir()))
 EOF
 
 step "CUDA tests, and the fused Triton candidate's kernels compiled for real against the exported decode"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_torchscript_backend.py tests/test_triton_decode.py -k "cuda or triton or fused" -rs 2>&1 | tail -40
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_torchscript_backend.py experiments/test_triton_decode.py -k "cuda or triton or fused" -rs 2>&1 | tail -40
 
-step "export cuda bfloat16 --verify (near ties allowed, see README, Exporting)"
-timeout 180 python3 scripts/export_torchscript.py "$MODEL" "$MODEL/torchscript/cuda-bfloat16" --device=cuda --dtype=bfloat16 --verify \
+step "export cuda bfloat16 --verify (near ties allowed, see docs/export.md)"
+timeout 180 python3 -m chat.export "$MODEL" "$MODEL/torchscript/cuda-bfloat16" --device=cuda --dtype=bfloat16 --verify \
     || { echo "bf16 verify did not pass; exporting without it for the bench"; \
-         python3 scripts/export_torchscript.py "$MODEL" "$MODEL/torchscript/cuda-bfloat16" --device=cuda --dtype=bfloat16; }
+         python3 -m chat.export "$MODEL" "$MODEL/torchscript/cuda-bfloat16" --device=cuda --dtype=bfloat16; }
 
-step "candidate changes to the decode step, A/B: baseline, fused_residual, triton_fused (scripts/gpu_experiments.py)"
-timeout 300 python3 scripts/gpu_experiments.py "$MODEL"
+step "candidate changes to the decode step, A/B: baseline, fused_residual, triton_fused (experiments/gpu_experiments.py)"
+timeout 300 python3 experiments/gpu_experiments.py "$MODEL"
 
 step "kernels of one decode step (bf16, 64 cached tokens; the work toward 1500 tok/s starts here)"
-timeout 120 python3 scripts/profile_decode.py "$MODEL/torchscript/cuda-bfloat16" --context=64 --rows=30
+timeout 120 python3 tools/profile_decode.py "$MODEL/torchscript/cuda-bfloat16" --context=64 --rows=30
 
 step "bench (both backends, bf16)"
-timeout 300 python3 scripts/bench.py --model="$MODEL" --device=cuda --dtypes=bfloat16 --repeats=2 --out="$OUT"
+timeout 300 python3 tools/bench.py --model="$MODEL" --device=cuda --dtypes=bfloat16 --repeats=2 --out="$OUT"
 
 step "export cuda float32 --verify (tokens must be identical)"
-timeout 180 python3 scripts/export_torchscript.py "$MODEL" /tmp/ts-f32 --device=cuda --dtype=float32 --max-len=1024 --verify
+timeout 180 python3 -m chat.export "$MODEL" /tmp/ts-f32 --device=cuda --dtype=float32 --max-len=1024 --verify
 
 step "decode variants (TorchScript, bf16, 256 tokens after a 64-token prompt; and at a 3000-token context)"
 timeout 180 python3 - "$MODEL/torchscript/cuda-bfloat16" <<'EOF'
 import sys, time, torch
-sys.path.insert(0, "scripts")
+sys.path.insert(0, "tools")
 from profile_decode import fresh_prompt, seconds_per_step
 from chat.backends.torchscript_backend import TorchScriptBackend
 for graphs in (True, False):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Compile every kernel of scripts/triton_decode.py for sm_90 (H100/H200) here, without a GPU.
+"""Compile every kernel of experiments/triton_decode.py for sm_90 (H100/H200) here, without a GPU.
 
-Triton's CPU interpreter (tests/test_triton_decode.py) checks what the kernels compute, not that they compile:
+Triton's CPU interpreter (experiments/test_triton_decode.py) checks what the kernels compute, not that they compile:
 this runs the real compiler down to ptxas, at the demo model's shape, in bfloat16 and float32, with and without
 the 16-byte alignment torch's allocations have. Run it after any change to the kernels, before a GPU session.
 Needs triton (not TRITON_INTERPRET=1); exits 1 on the first kernel that does not compile.

@@ -1,4 +1,4 @@
-"""The fused Triton decode candidate (scripts/triton_decode.py) against the exported CUDA decode it would replace,
+"""The fused Triton decode candidate (experiments/triton_decode.py) against the exported CUDA decode it would replace,
 on the tiny llama: logits at several positions of a small cache bucket (single-pass attention) and of a large one
 (split attention) in float32 and bfloat16, and the traced, saved and loaded module with both buckets.
 
@@ -20,7 +20,6 @@ if importlib.util.find_spec("triton") is None:
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is imported
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import triton_decode
 from helpers import TINY_DECODER
 from triton_decode import REDUCE_BLOCK, SINGLE_PASS_MAX, SPLIT_CHUNK, decode_fused, fusable, fused_decode
@@ -29,7 +28,7 @@ from chat.export import trace
 from chat.export.families import convert
 from chat.export.model import LeanLM, allocate_cache, quiet_torchscript
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+HERE = Path(__file__).resolve().parent
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MAX_LEN = TINY_DECODER["max_position_embeddings"]
 VOCAB = 300
@@ -170,10 +169,10 @@ def test_traced_artifact_with_fused_ops_runs(tmp_path, monkeypatch):
 
 
 def test_kernels_compile_for_hopper():
-    """scripts/triton_compile_check.py, in a process of its own: the interpreter this file runs does not compile."""
+    """experiments/triton_compile_check.py, in a process of its own: the interpreter this file runs does not compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
-        [sys.executable, str(SCRIPTS / "triton_compile_check.py")], capture_output=True, text=True, env=env, check=False
+        [sys.executable, str(HERE / "triton_compile_check.py")], capture_output=True, text=True, env=env, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "kernels for sm_90" in done.stdout
