@@ -44,7 +44,7 @@ demo-artifact: $(DEMO_ARTIFACT)/chat-artifact.json
 # Re-exported when the exporter or the native kernels change, so a pulled speed-up reaches the demo (export
 # builds the kernels when they are missing).
 $(DEMO_ARTIFACT)/chat-artifact.json: $(DEMO_STAMP) $(wildcard chat/export/*.py) chat/native/kernels.cpp
-	$(BIN)/python scripts/export_torchscript.py $(DEMO) $(DEMO_ARTIFACT) --dtype=bfloat16
+	$(BIN)/python -m chat.export $(DEMO) $(DEMO_ARTIFACT) --dtype=bfloat16
 
 # With a terminal, open the chat; without one (CI, a pipe), answer one question instead of waiting.
 demo: demo-model demo-artifact
@@ -56,16 +56,16 @@ test: demo-model demo-artifact native
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/ruff check chat scripts tests packaging
-	$(BIN)/ruff format --check chat scripts tests packaging
+	$(BIN)/ruff check chat scripts tests packaging tools experiments
+	$(BIN)/ruff format --check chat scripts tests packaging tools experiments
 	$(BIN)/hadolint --failure-threshold warning Dockerfile Dockerfile.cuda
 
 format: venv
-	$(BIN)/ruff format chat scripts tests packaging
-	$(BIN)/ruff check --fix chat scripts tests packaging
+	$(BIN)/ruff format chat scripts tests packaging tools experiments
+	$(BIN)/ruff check --fix chat scripts tests packaging tools experiments
 
 bench: demo-model
-	$(BIN)/python scripts/bench.py --model=$(DEMO)
+	$(BIN)/python tools/bench.py --model=$(DEMO)
 
 bundle: demo-artifact
 	$(BIN)/python packaging/build_bundle.py --model=$(DEMO_ARTIFACT)

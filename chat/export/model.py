@@ -368,7 +368,7 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_di
 @contextlib.contextmanager
 def quiet_torchscript() -> Iterator[None]:
     """Hide TorchScript's deprecation and tracer warnings: they concern torch's plans, not the user's chat
-    (the README says which torch versions work)."""
+    (docs/backends.md says which torch versions work)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
