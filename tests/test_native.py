@@ -324,6 +324,7 @@ def test_build_into_a_directory_names_the_library_by_source_and_torch(tmp_path):
     assert built.parent == tmp_path and built.is_file()
     assert built.name == native.library_name() and torch.__version__.replace("+", "_") in built.name
     assert not list(tmp_path.glob(".chat_native-*"))  # no partial file left behind
+    assert built.stat().st_mode & 0o044 == 0o044  # readable by other users (the Docker image's user)
 
 
 EXPORT_WITHOUT_COMPILER = """

@@ -117,6 +117,7 @@ def build(directory: Path | None = None) -> Path:
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
             raise NativeBuildError(f"building chat's native kernels failed ({last})")
+        os.chmod(partial, 0o755)  # mkstemp's 0600 would hide it from other users (the image's, say)
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
