@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# chat on the CPU. Build and run (see README, "Docker images"):
+# chat on the CPU. Build and run (see docs/packaging.md):
 #   docker build -t chat .
 #   docker run -it --rm -v chat-data:/data chat --model gpt2
 #   docker run -it --rm -v "$PWD/models:/models:ro" chat --model /models/smollm2-135m-instruct
@@ -13,6 +13,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# A CA bundle for pip, where the build's network is behind a proxy that signs TLS (tools/image_test.py).
+ARG PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -32,14 +34,16 @@ RUN /opt/chat/bin/pip install --no-deps /src \
     && /opt/chat/bin/pip check \
     && /opt/chat/bin/python -c "import torch; assert not torch.version.cuda, 'CPU torch expected'"
 
-# chat's native CPU kernels (chat/native), compiled against this torch into the package, where chat looks
-# first: the runtime image needs no compiler. g++ stays in this stage only.
+# chat's native CPU kernels (chat/native), compiled against this torch into the installed package, where
+# chat looks first: the runtime image needs no compiler. g++ stays in this stage only. -P: not the source
+# tree in this WORKDIR, whose chat/native/lib the runtime stage never copies.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/* \
-    && /opt/chat/bin/python -m chat.native \
-        --into="$(/opt/chat/bin/python -c 'from chat import native; print(native.PACKAGED)')"
+    && /opt/chat/bin/python -P -m chat.native \
+        --into="$(/opt/chat/bin/python -P -c 'from chat import native; print(native.PACKAGED)')" \
+    && /opt/chat/bin/python -P -c "from chat import native; assert (native.PACKAGED / native.library_name()).is_file()"
 
 # ---- runtime: the slim base, the virtual environment, a non-root user ----
 FROM ${PYTHON_IMAGE}
@@ -59,11 +63,14 @@ RUN groupadd --gid "${GID}" chat \
     && chown "${UID}:${GID}" /data
 
 COPY --from=build /opt/chat /opt/chat
-# The exporter, for `docker run --entrypoint python ... /opt/chat/scripts/export_torchscript.py` (README, "Docker images").
+# The exporter's thin entry, beside `docker run --entrypoint python IMAGE -m chat.export ...` (docs/packaging.md).
 COPY scripts/export_torchscript.py /opt/chat/scripts/export_torchscript.py
 
+# /data, a volume, keeps downloaded models (HF_HOME) and the chats (XDG_DATA_HOME: chat/sessions).
 ENV PATH=/opt/chat/bin:${PATH} \
     HF_HOME=/data \
+    XDG_DATA_HOME=/data \
+    XDG_STATE_HOME=/data/state \
     CHAT_DEMO_MODEL=/models/smollm2-135m-instruct \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

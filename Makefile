@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 # range would pull a multi-GB CUDA build.
 DEMO := models/smollm2-135m-instruct
 DEMO_STAMP := $(DEMO)/.complete
-# The demo model exported for this CPU: bfloat16 is the fastest here (see README, "Benchmark").
+# The demo model exported for this CPU: bfloat16 is the fastest here (see docs/performance.md).
 DEMO_ARTIFACT := $(DEMO)/torchscript/cpu-bfloat16
 
-.PHONY: help venv native demo demo-model demo-artifact test lint format bench bundle bundle-test clean
+.PHONY: help venv native demo demo-model demo-artifact test lint format bench bundle bundle-test image-test clean
 
 help:
 	@echo "make demo    install into .venv, fetch the demo model and chat with it"
@@ -17,6 +17,7 @@ help:
 	@echo "make lint    ruff and hadolint"
 	@echo "make bench   TorchScript vs transformers on the demo model"
 	@echo "make bundle  standalone executables in dist/ (make bundle-test: CI's smoke test)"
+	@echo "make image-test  build the Docker image and check it on the demo model (docker, else podman)"
 
 venv: $(VENV)/.installed
 
@@ -72,6 +73,10 @@ bundle: demo-artifact
 
 bundle-test: demo-artifact
 	$(BIN)/python packaging/bundle_smoke.py --model=$(DEMO_ARTIFACT)
+
+# docker when a daemon answers, else podman and buildah (installed from Debian's packages when missing).
+image-test: demo-artifact
+	$(BIN)/python tools/image_test.py
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
