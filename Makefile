@@ -17,7 +17,7 @@ help:
 	@echo "make lint    ruff and hadolint"
 	@echo "make bench   TorchScript vs transformers on the demo model"
 	@echo "make bundle  standalone executables in dist/ (make bundle-test: CI's smoke test)"
-	@echo "make image-test  build the Docker image and check it on the demo model (docker, else podman)"
+	@echo "make image-test  build both Docker images and check them on the demo model (docker, else podman)"
 
 venv: $(VENV)/.installed
 
