@@ -68,7 +68,9 @@ class Signals:
         self.stop = True
 
     def _on_close(self, signum: int, frame: FrameType | None) -> None:
-        if self.closing is None and signum == getattr(signal, "SIGHUP", None):
+        if self.closing is not None:  # leaving already (readline passes a hang-up on once more): let it finish
+            return
+        if signum == getattr(signal, "SIGHUP", None):
             _detach_terminal()
         self.closing = signum
         if self._in_reply:
