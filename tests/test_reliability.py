@@ -63,8 +63,8 @@ def test_closing_the_window_mid_reply_keeps_the_question_and_the_partial_reply(d
     assert [m["role"] for m in messages(path)] == ["user"]  # on disk before the reply
     child.expect(r"\w+ \w+ \w+")
     child.kill(signum)
-    child.expect(pexpect.EOF, timeout=10)
-    child.close()
+    child.expect(pexpect.EOF, timeout=10)  # the terminal is let go before the chat is written: wait for the end
+    child.wait()  # (close() would send it SIGINT too)
     assert child.exitstatus == 128 + signum
     question, reply = messages(path)
     assert question["content"].startswith("Write a long story")
@@ -76,8 +76,8 @@ def test_closing_the_window_at_the_prompt_leaves_the_chat_on_disk(tiny_llama, tm
     child.sendline("Hello")
     child.expect_exact(PROMPT)
     child.kill(signal.SIGHUP)
-    child.expect(pexpect.EOF, timeout=10)
-    child.close()
+    child.expect(pexpect.EOF, timeout=10)  # the terminal is let go before the chat is written: wait for the end
+    child.wait()  # (close() would send it SIGINT too)
     assert child.exitstatus == 128 + signal.SIGHUP
     (path,) = kept_chats(tmp_path)
     assert [m["role"] for m in messages(path)] == ["user", "assistant"]

@@ -91,6 +91,16 @@ class Engine:
     def exists(self, image: str) -> bool:
         return run(self.tool, "image", "inspect", image, check=False).returncode == 0
 
+    def at_hand(self, image: str) -> bool:
+        """Whether image is here, or could be pulled."""
+        return self.exists(image) or run(self.tool, "pull", "-q", image, check=False, timeout=600).returncode == 0
+
+    def standin_made_before(self, real: str, standin: str) -> bool:
+        if not self.exists(standin):
+            return False
+        say(f"{real} cannot be pulled: using the stand-in {standin} made before")
+        return True
+
     def settle(self, base: str) -> None:
         """Find the flags this host needs, with quick tries on the base image."""
         if self.tool != "podman":
@@ -126,13 +136,9 @@ class Engine:
 
 def standin_base(engine: Engine) -> str:
     """The real python base where it can be pulled, else a Debian bookworm stand-in made here (and kept)."""
-    if (
-        engine.exists(PYTHON_IMAGE)
-        or run(engine.tool, "pull", "-q", PYTHON_IMAGE, check=False, timeout=300).returncode == 0
-    ):
+    if engine.at_hand(PYTHON_IMAGE):
         return PYTHON_IMAGE
-    if engine.exists(STANDIN):
-        say(f"{PYTHON_IMAGE} cannot be pulled: using the stand-in {STANDIN} made before")
+    if engine.standin_made_before(PYTHON_IMAGE, STANDIN):
         return STANDIN
     say(f"{PYTHON_IMAGE} cannot be pulled: making a stand-in with debootstrap (a few minutes, once)")
     with tempfile.TemporaryDirectory(prefix="chat-rootfs-") as root:
@@ -274,10 +280,9 @@ def cuda_base(engine: Engine, base: str) -> str:
     --system-site-packages. Its torch is the CUDA build pip finds here for CUDA_STANDIN_TORCH (the base
     image's own version may not be at hand). Kept for the next run."""
     real = re.search(r"ARG TORCH_IMAGE=(\S+)", (REPO / "Dockerfile.cuda").read_text()).group(1)
-    if engine.exists(real) or run(engine.tool, "pull", "-q", real, check=False, timeout=600).returncode == 0:
+    if engine.at_hand(real):
         return real
-    if engine.exists(STANDIN_CUDA):
-        say(f"{real} cannot be pulled: using the stand-in {STANDIN_CUDA} made before")
+    if engine.standin_made_before(real, STANDIN_CUDA):
         return STANDIN_CUDA
     say(f"{real} cannot be pulled: making a stand-in with {CUDA_STANDIN_TORCH} (several GB, once)")
     with tempfile.TemporaryDirectory(prefix="chat-cuda-") as context:
