@@ -144,8 +144,9 @@ def standin_base(engine: Engine) -> str:
     with tempfile.TemporaryDirectory(prefix="chat-rootfs-") as root:
         include = "python3,python3-venv,python3-pip,passwd,ca-certificates"
         stream("debootstrap", "--variant=minbase", f"--include={include}", "bookworm", root, debian_mirror())
-        Path(root, "usr/bin/python").symlink_to("python3")
-        Path(root, "usr/bin/pip").symlink_to("pip3")
+        for name, target in (("python", "python3"), ("pip", "pip3")):  # as the python image names them
+            if not Path(root, "usr/bin", name).exists():
+                Path(root, "usr/bin", name).symlink_to(target)
         tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
         run(engine.tool, "import", "-", STANDIN, stdin=tar.stdout)
         tar.wait()
