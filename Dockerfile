@@ -66,10 +66,12 @@ COPY --from=build /opt/chat /opt/chat
 # The exporter's thin entry, beside `docker run --entrypoint python IMAGE -m chat.export ...` (docs/packaging.md).
 COPY scripts/export_torchscript.py /opt/chat/scripts/export_torchscript.py
 
-# /data, a volume, keeps downloaded models (HF_HOME) and the chats (XDG_DATA_HOME: chat/sessions).
+# /data, a volume, keeps downloaded models (HF_HOME), the chats (XDG_DATA_HOME: chat/sessions) and the
+# artifacts exported on first use (XDG_CACHE_HOME: chat/artifacts).
 ENV PATH=/opt/chat/bin:${PATH} \
     HF_HOME=/data \
     XDG_DATA_HOME=/data \
+    XDG_CACHE_HOME=/data/cache \
     XDG_STATE_HOME=/data/state \
     CHAT_DEMO_MODEL=/models/smollm2-135m-instruct \
     PYTHONUNBUFFERED=1 \

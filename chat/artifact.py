@@ -20,6 +20,9 @@ FORMAT = "chat-torchscript-artifact"
 FORMAT_VERSION = 1
 KNOWN_OPS = ("chat",)
 MODEL_FILE = "model.ts"
+# The model types export takes (config.json's model_type), each with the family of module it becomes: mistral
+# and qwen2 are llama-shaped (qwen2 adds q/k/v biases).
+FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "phi3": "phi3", "gpt2": "gpt2"}
 # Where a model directory keeps its exports: <model_dir>/torchscript/<device>-<dtype>/.
 ARTIFACTS_SUBDIR = "torchscript"
 _HASH_BLOCK = 4 << 20

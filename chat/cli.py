@@ -27,8 +27,9 @@ Usage:
   chat -h | --help
   chat --version
 
-MODEL is a local model directory, a TorchScript artifact directory (make one: python -m chat.export)
-or a Hugging Face Hub id such as gpt2. Without one, chat opens the demo model (`make demo` fetches it).
+MODEL is a local model directory, a GGUF file, a TorchScript artifact directory or a Hugging Face Hub id
+such as gpt2. Without one, chat opens the demo model (`make demo` fetches it). A model of a family chat's
+native core runs (llama, mistral, qwen2, phi3, gpt2) is exported for it once, on first use, and cached.
 
 Options:
   --model=MODEL                The model (instead of MODEL).
@@ -36,6 +37,11 @@ Options:
   --backend=NAME               auto, torchscript or transformers [default: auto].
   --device=DEVICE              auto, cpu, cuda or cuda:N [default: auto].
   --dtype=DTYPE                auto, float32, bfloat16 or float16 [default: auto].
+  --quantize=KIND              Weights of a model exported on first use: auto, int8 or none
+                               [default: auto] (auto: int8 on a CPU that runs chat's native kernels).
+  --no-export                  Never export on first use: run transformers where no artifact is at hand.
+  --cache                      List the artifacts exported on first use, with their sizes, and exit.
+  --cache-remove=NAME          Remove one of them (as --cache names it), or all, and exit.
   --threads=N                  CPU threads (default: $OMP_NUM_THREADS, else one per CPU less those
                                other programs keep busy, followed as replies decode).
   --max-new-tokens=N           Most tokens in one reply (default {DEFAULTS.max_new_tokens}).
@@ -84,6 +90,7 @@ CHOICES = {
     "--backend": ("auto", "torchscript", "transformers"),
     "--context-policy": ("drop-oldest", "error"),
     "--dtype": ("auto", "float32", "bfloat16", "float16"),
+    "--quantize": ("auto", "int8", "none"),
 }
 
 
@@ -94,6 +101,8 @@ class Options:
     backend: str
     device: str
     dtype: str
+    quantize: str  # auto | int8 | none: the weights of an artifact exported on first use
+    export: bool  # export on first use (--backend auto, unless --no-export)
     threads: int | None
     param_changes: dict[str, Any]  # generation parameters given on the command line
     system: str | None
@@ -106,6 +115,7 @@ class Options:
     load: Path | None
     keep_in: Path | None  # where an interactive chat keeps itself after each turn; None: autosave is off
     list_chats: bool  # --chats: list the kept chats instead of chatting
+    cache: str | None  # --cache: "list"; --cache-remove NAME: NAME
     trust_remote_code: bool
     offline: bool
     verbose: bool
@@ -143,6 +153,9 @@ def parse_args(argv: list[str]) -> Options:
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not '{device}'")
 
+    if args["--quantize"] == "int8" and device.startswith("cuda"):
+        raise UsageError("--quantize int8 is for the CPU (a GPU step is bound by kernel launches, not bytes)")
+
     threads = None
     if args["--threads"] is not None:
         threads = int(args["--threads"]) if args["--threads"].isdigit() else 0
@@ -172,6 +185,7 @@ def parse_args(argv: list[str]) -> Options:
         ("--model_name_or_path", "name a model directory or Hub id"),
         ("--save-dir", "name a directory"),
         ("--load", "name a file written by !save"),
+        ("--cache-remove", "give a name as chat --cache lists it, or all"),
     ):
         if args[option] is not None and not args[option].strip():
             raise UsageError(f"{option} is empty; {fix}")
@@ -193,8 +207,8 @@ def parse_args(argv: list[str]) -> Options:
         raise UsageError(f"two different models named ({' and '.join(names)}); name one")
     if names:
         model, model_given = names[0], True
-    elif args["--chats"]:
-        model, model_given = "", False  # no model needed to list the chats
+    elif args["--chats"] or args["--cache"] or args["--cache-remove"] is not None:
+        model, model_given = "", False  # no model needed to list the chats or the cache
     else:
         demo = find_demo_model()
         if demo is None:
@@ -210,6 +224,8 @@ def parse_args(argv: list[str]) -> Options:
         backend=args["--backend"],
         device=device,
         dtype=args["--dtype"],
+        quantize=args["--quantize"],
+        export=args["--backend"] == "auto" and not args["--no-export"],
         threads=threads,
         param_changes=values,
         system=None if args["--system"] is None else readable(args["--system"]),
@@ -222,6 +238,7 @@ def parse_args(argv: list[str]) -> Options:
         load=load,
         keep_in=keep_in,
         list_chats=args["--chats"],
+        cache="list" if args["--cache"] else args["--cache-remove"],
         trust_remote_code=args["--trust-remote-code"],
         offline=offline,
         verbose=args["--verbose"],
@@ -266,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_args(argv)
         if options.list_chats:
             return list_chats(options.save_dir)
+        if options.cache is not None:
+            from chat import artifact_cache
+
+            lines = artifact_cache.describe() if options.cache == "list" else artifact_cache.remove(options.cache)
+            print("\n".join(lines))
+            return 0
         if options.offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
         from chat.session import run

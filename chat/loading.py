@@ -15,6 +15,7 @@ from chat.params import FLAG, LOADED, RECOMMENDED, GenerationParams, model_recom
 from chat.session import Session
 
 if TYPE_CHECKING:
+    from chat.backends.base import LoadOptions
     from chat.cli import Options
 
 
@@ -24,21 +25,12 @@ def load_session(options: Options, *, keep: bool, announce: bool = True, source:
     keep: the chat keeps itself in options.keep_in as it goes (a chat at a terminal, or one resumed with
     --continue). source: the local directory options.model was resolved to (a Hub snapshot), if that is
     done already."""
-    from chat.backends.base import LoadOptions
     from chat.backends.select import load_backend
 
     conversation = Conversation(system=options.system)
     if announce and sys.stderr.isatty():
         print(f"loading {options.model} ...", file=sys.stderr, flush=True)
-    load = LoadOptions(
-        model=source or options.model,
-        device=options.device,
-        dtype=options.dtype,
-        threads=options.threads,
-        offline=options.offline,
-        trust_remote_code=options.trust_remote_code,
-    )
-    backend = load_backend(load, options.backend)
+    backend = load_backend(load_options(options, source or options.model), options.backend)
     backend.info.model = options.model  # the name the user gave, for !status and saved sessions
     # Ours, then what the model recommends, then a resumed chat's, then what the user typed.
     recommended = model_recommendations(backend.info.path)
@@ -56,6 +48,20 @@ def load_session(options: Options, *, keep: bool, announce: bool = True, source:
     if keep and options.keep_in is not None:
         chat_file = ChatFile(options.keep_in, owned=options.keep_in == options.load)
     return Session(backend, options, conversation, params, chat_file=chat_file, param_sources=sources)
+
+
+def load_options(options: Options, model: str) -> LoadOptions:
+    from chat.backends.base import LoadOptions
+
+    return LoadOptions(
+        model=model,
+        device=options.device,
+        dtype=options.dtype,
+        quantize=options.quantize,
+        threads=options.threads,
+        offline=options.offline,
+        trust_remote_code=options.trust_remote_code,
+    )
 
 
 class SessionLoad:

@@ -279,6 +279,31 @@ def show_notes(session: Session) -> None:
         session.notice(note)
 
 
+def prepare_model(options: Options, locate: bool) -> str | None:
+    """In the foreground, before the model loads: find (or download, with progress) a Hub model when `locate`,
+    then export it on first use where auto would run it on transformers. Returns the model's local path when
+    it was located (a Hub snapshot), else None."""
+    from chat.backends.base import LoadOptions
+
+    source = None
+    if locate and not Path(options.model).expanduser().is_dir():
+        from chat.backends.hub import locate_model
+
+        source = str(locate_model(LoadOptions(model=options.model, offline=options.offline)))
+    if options.export:
+        from chat.auto_export import export_if_needed
+        from chat.loading import load_options
+
+        style = Style(sys.stderr)
+        model = source or options.model
+
+        def say(text: str) -> None:
+            print(style.note(text), file=sys.stderr, flush=True)
+
+        export_if_needed(load_options(options, model), Path(model).expanduser(), say, progress=sys.stderr.isatty())
+    return source
+
+
 def run(options: Options) -> int:
     from chat.loading import SessionLoad, load_session
 
@@ -289,17 +314,12 @@ def run(options: Options) -> int:
         warnings.filterwarnings("ignore", category=UserWarning)
     signals = Signals()
     signals.install()
-    if options.prompt is None and is_interactive():
-        background = not options.verbose
-        source = None
-        if background and not Path(options.model).expanduser().is_dir():
-            from chat.backends.base import LoadOptions
-            from chat.backends.hub import locate_model
-
-            # A Hub model: found in the cache (or downloaded, its progress shown) before the prompt.
-            source = str(locate_model(LoadOptions(model=options.model, offline=options.offline)))
-        if background and options.load is not None:  # a bad --load file stops the chat before its prompt
-            storage.load(options.load, GenerationParams())
+    at_terminal = options.prompt is None and is_interactive()
+    background = at_terminal and not options.verbose
+    if options.load is not None:  # a bad --load file stops the chat before the model is made ready
+        storage.load(options.load, GenerationParams())
+    source = prepare_model(options, locate=background or options.export)
+    if at_terminal:
         load = SessionLoad(options, background=background, source=source)
         code = interactive(options, load, signals)
         if load.loading:  # left before the model was in: a normal exit would wait for the load thread
@@ -310,7 +330,7 @@ def run(options: Options) -> int:
         return code
     # Without a terminal only a chat resumed with --continue is kept (`chat --continue --prompt "and then?"`
     # goes on in its file); a one-shot question or a pipe of its own leaves no file behind.
-    session = load_session(options, keep=options.keep_in is not None and options.keep_in == options.load)
+    session = load_session(options, keep=options.keep_in is not None and options.keep_in == options.load, source=source)
     session.signals = signals
     show_notes(session)
     failed = False

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Models exported on first use go to a cache of this test run's own, never the user's.
+os.environ["CHAT_ARTIFACTS_DIR"] = tempfile.mkdtemp(prefix="chat-test-artifacts-")
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "models" / "smollm2-135m-instruct"

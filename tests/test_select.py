@@ -129,7 +129,8 @@ def test_auto_takes_an_artifact_directory(model):
     assert backend.info.name == "torchscript" and "is a TorchScript artifact" in backend.info.reason
 
 
-def test_auto_without_artifact_runs_transformers(tiny_llama):
+def test_auto_without_artifact_runs_transformers(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHAT_ARTIFACTS_DIR", str(tmp_path))  # none exported on first use either
     backend = load(tiny_llama)
     assert backend.info.name == "transformers"
     assert "no TorchScript artifact for cpu" in backend.info.reason
@@ -151,7 +152,8 @@ def test_dtype_picks_the_artifact(model):
         load(artifact_of(model), "torchscript", dtype="bfloat16")
 
 
-def test_torchscript_without_artifact_names_the_export_command(tiny_llama):
+def test_torchscript_without_artifact_names_the_export_command(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHAT_ARTIFACTS_DIR", str(tmp_path))
     with pytest.raises(ChatError, match=r"python -m chat\.export ") as error:
         load(tiny_llama, "torchscript")
     assert "\n" not in str(error.value)
@@ -209,11 +211,10 @@ def test_hashing_starts_before_torch_on_the_likely_artifact(model, monkeypatch):
     """The artifact's hash check starts before torch is imported (it then overlaps that import) and is the
     one the backend waits on; a file changed after one load is still caught by the next."""
     import chat.artifact
-    from chat.backends.select import _likely_artifact
 
     artifact = artifact_of(model)
-    assert _likely_artifact(LoadOptions(model=str(model), device="cpu", dtype="float32")) == artifact
-    assert _likely_artifact(LoadOptions(model=str(artifact))) == artifact
+    assert find_artifact(LoadOptions(model=str(model), device="cpu", dtype="float32"))[0] == artifact
+    assert find_artifact(LoadOptions(model=str(artifact)))[0] == artifact
     started = []
 
     class Counted(chat.artifact.HashCheck):

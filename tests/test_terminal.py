@@ -238,7 +238,7 @@ def test_help_and_exit_need_no_model(tiny_llama, tmp_path):
     child.expect_exact("!status")
     child.expect_exact(PROMPT)
     child.sendline("Hello")  # waits for the model if it is still loading, then says what runs it
-    child.expect_exact("(transformers on cpu, float32)")
+    child.expect_exact("(torchscript on cpu, ")  # exported on first use
     child.expect_exact("tiny-llama0: ")
     child.expect_exact(PROMPT)
     child.sendline("!exit")
@@ -257,7 +257,7 @@ def test_leaving_while_the_model_loads(tiny_llama, tmp_path):
 
 def test_hub_model_from_the_cache_loads_behind_the_prompt(tiny_llama, tmp_path, monkeypatch):
     """A Hub id is found in the Hugging Face cache before the prompt, then loads like a local model; the
-    session still names it by its id."""
+    session still names it by its id; it is exported on first use as a local model is."""
     import shutil
 
     commit = "0" * 40
@@ -268,7 +268,7 @@ def test_hub_model_from_the_cache_loads_behind_the_prompt(tiny_llama, tmp_path, 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     child = spawn("someone/tiny-chat", "--max-new-tokens", "4", tmp_path=tmp_path)
     child.sendline("Hello")
-    child.expect_exact("(transformers on cpu, float32)")
+    child.expect_exact("(torchscript on cpu, ")  # the snapshot, exported on first use
     child.expect_exact("tiny-chat: ")
     child.expect_exact(PROMPT)
     child.sendline("!status")

@@ -26,6 +26,7 @@ class LoadOptions:
     model: str
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantize: str = "auto"  # auto | int8 | none: the weights of an artifact exported on first use
     offline: bool = False
     trust_remote_code: bool = False
     threads: int | None = None  # CPU threads for torch; None: cpu_threads()

@@ -1,7 +1,9 @@
 """Pick and load the backend for a model: TorchScript where an artifact fits this device, else transformers.
 
-`--backend auto`: an artifact directory, or a model directory holding an artifact exported for this device
-(MODEL_DIR/torchscript/DEVICE-DTYPE/), runs on TorchScript; anything else on transformers. When an artifact
+`--backend auto`: an artifact directory, a model directory holding an artifact exported for this device
+(MODEL_DIR/torchscript/DEVICE-DTYPE/), or a model (directory, Hub snapshot, GGUF file) with an artifact in
+chat's cache (chat.artifact_cache, filled by chat.auto_export on first use) runs on TorchScript; anything
+else on transformers. When an artifact
 that auto chose cannot be loaded, auto runs transformers on the source checkpoint if it is at hand and says
 why in one line (`info.notes`). `--backend torchscript` never falls back. `info.reason` says why a backend
 was chosen (shown by !status).
@@ -10,8 +12,12 @@ was chosen (shown by !status).
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+from importlib import metadata
 from pathlib import Path
 
+from chat import native
 from chat.artifact import (
     ARTIFACTS_SUBDIR,
     MANIFEST,
@@ -20,6 +26,7 @@ from chat.artifact import (
     is_artifact,
     prefetch_hashes,
 )
+from chat.artifact_cache import Target, entry_for
 from chat.backends.base import Backend, LoadOptions
 from chat.errors import ChatError, UsageError
 from chat.jsonfile import MANIFEST_MAX_BYTES, JSONFileError, read_json
@@ -32,7 +39,7 @@ def load_backend(options: LoadOptions, choice: str = "auto") -> Backend:
         raise UsageError(f"--backend {choice}: use one of {', '.join(CHOICES)}")
     if choice == "transformers":
         return _transformers_only(options)
-    likely = _likely_artifact(options)
+    likely, _ = find_artifact(options)
     if likely is not None:
         prefetch_hashes(likely)
     try:
@@ -74,49 +81,64 @@ def _load_preferring_torchscript(options: LoadOptions, choice: str) -> Backend:
 
 
 def find_artifact(options: LoadOptions) -> tuple[Path | None, str]:
-    """The artifact directory for these options and why it was picked, or None and why there is none."""
+    """The artifact directory for these options and why it was picked, or None and why there is none.
+    Decided without importing torch, so its files can be hashed while torch loads."""
     path = Path(options.model).expanduser()
+    if path.is_dir() and is_artifact(path):
+        return path, f"{path} is a TorchScript artifact"
+    device_type = device_type_of(options.device)
+    dtypes = [options.dtype] if options.dtype != "auto" else preferred_dtypes(device_type)
+    if path.is_dir():
+        candidates = [artifact_dir_for(path, device_type, dtype) for dtype in dtypes]
+        # A directory without its manifest still counts, so that its fault is reported rather than ignored.
+        for found in [c for c in candidates if (c / MANIFEST).is_file()] + [c for c in candidates if c.is_dir()]:
+            return found, f"{path} has an artifact exported for {device_type}: {found}"
+    if path.is_dir() or path.is_file():  # a GGUF file is a model too
+        cached = entry_for(path, export_target(options))
+        if is_artifact(cached):
+            return cached, f"exported on first use, cached in {cached}"
     if not path.is_dir():
         return None, f"{options.model} is not a local directory; TorchScript needs an exported artifact"
-    if is_artifact(path):
-        return path, f"{path} is a TorchScript artifact"
-    device_type = _device_type(options.device)
-    dtypes = [options.dtype] if options.dtype != "auto" else preferred_dtypes(device_type)
-    candidates = [artifact_dir_for(path, device_type, dtype) for dtype in dtypes]
-    # A directory without its manifest still counts, so that its fault is reported rather than ignored.
-    for found in [c for c in candidates if (c / MANIFEST).is_file()] + [c for c in candidates if c.is_dir()]:
-        return found, f"{path} has an artifact exported for {device_type}: {found}"
-    target = candidates[0]
+    target = artifact_dir_for(path, device_type, dtypes[0])
     return None, (
         f"no TorchScript artifact for {device_type} in {path / ARTIFACTS_SUBDIR} "
         f"(make one: python -m chat.export {path} {target} --device={device_type} --dtype={dtypes[0]})"
     )
 
 
+def export_target(options: LoadOptions) -> Target:
+    """What auto exports for these options: the preferred dtype; on a CPU where chat's native kernels run,
+    int8 weights unless --quantize none (see docs/performance.md for why)."""
+    device_type = device_type_of(options.device)
+    dtype = options.dtype if options.dtype != "auto" else preferred_dtypes(device_type)[0]
+    quantization = None if options.quantize == "none" else options.quantize
+    if quantization == "auto":
+        quantization = "int8" if device_type == "cpu" and _native_kernels_possible() else None
+    return Target(device_type, dtype, quantization)
+
+
 def preferred_dtypes(device_type: str) -> list[str]:
     """The order in which `--dtype auto` takes a model directory's artifacts: the fastest first.
 
-    CUDA: bfloat16. CPU: bfloat16 where the processor computes it natively (AVX-512 BF16/AMX), else float32.
+    CUDA: bfloat16. CPU: bfloat16 where the processor computes it natively (AVX-512 BF16 or AMX), else float32.
     """
     if device_type == "cuda":
         return ["bfloat16", "float16", "float32"]
-    import torch
-
     try:
-        native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):  # a private probe: absent in some torch builds
-        native_bf16 = False
-    if native_bf16:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if flags & {"avx512_bf16", "amx_bf16"}:
         return ["bfloat16", "float32", "float16"]
     return ["float32", "bfloat16", "float16"]
 
 
 def source_checkpoint(artifact: Path, options: LoadOptions) -> Path | None:
-    """The transformers checkpoint an artifact came from, if it is on this machine."""
+    """The transformers checkpoint (a directory, or a GGUF file) an artifact came from, if it is on this machine."""
     candidates = []
     named = Path(options.model).expanduser()
-    if named.is_dir() and not is_artifact(named) and artifact != named:
-        candidates.append(named)  # the artifact was found inside this model directory
+    if (named.is_dir() and not is_artifact(named) and artifact != named) or named.is_file():
+        candidates.append(named)  # the artifact was found inside this model directory, or cached for it
     if artifact.parent.name == ARTIFACTS_SUBDIR:
         candidates.append(artifact.parent.parent)
     try:
@@ -125,41 +147,33 @@ def source_checkpoint(artifact: Path, options: LoadOptions) -> Path | None:
     except (JSONFileError, KeyError, TypeError):
         pass  # a broken manifest: the directory layout may still tell
     for candidate in candidates:
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or candidate.is_file():
             return candidate
     return None
 
 
-def _likely_artifact(options: LoadOptions) -> Path | None:
-    """The artifact find_artifact will most likely pick, guessed without importing torch (a wrong guess
-    costs some hashing, nothing else): CUDA where an NVIDIA driver is loaded, bfloat16 on a CPU that lists
-    AVX-512 BF16 or AMX."""
-    path = Path(options.model).expanduser()
-    if not path.is_dir():
-        return None
-    if is_artifact(path):
-        return path
-    device = options.device
-    if device == "auto":
-        device = "cuda" if Path("/proc/driver/nvidia/version").is_file() else "cpu"
-    device_type = _device_type(device)
-    dtype = options.dtype
-    if dtype == "auto":
-        try:
-            cpu_flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpu_flags = ""
-        native_bf16 = "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags
-        dtype = "bfloat16" if device_type == "cuda" or native_bf16 else "float32"
-    return artifact_dir_for(path, device_type, dtype)
+def _native_kernels_possible() -> bool:
+    """Whether chat's native kernels can run int8 weights here: a CPU they support, and their library built
+    (for some torch) or a compiler to build it."""
+    if native.supported() is not None:
+        return False
+    compilers = [os.environ.get("CXX") or "", "g++", "c++"]
+    if any(shutil.which(c) for c in compilers if c):
+        return True
+    return any(d.is_dir() and any(d.glob("*.so")) for d in (native.PACKAGED, native.cache_dir()))
 
 
-def _device_type(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device.startswith("cuda") else "cpu"
+def device_type_of(device: str) -> str:
+    """cpu or cuda, without importing torch: auto is CUDA where an NVIDIA driver is loaded and torch is a
+    CUDA build."""
+    if device != "auto":
+        return "cuda" if device.startswith("cuda") else "cpu"
+    if not Path("/proc/driver/nvidia/version").is_file():
+        return "cpu"
+    try:
+        return "cpu" if "+cpu" in metadata.version("torch") else "cuda"
+    except metadata.PackageNotFoundError:
+        return "cpu"
 
 
 def _torchscript(artifact: Path, options: LoadOptions) -> Backend:

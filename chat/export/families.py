@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from chat.artifact import FAMILIES
 from chat.errors import ChatError
 from chat.export.model import Shape
-
-# model_type -> family; mistral and qwen2 are llama-shaped (qwen2 adds q/k/v biases, which are picked up).
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "phi3": "phi3", "gpt2": "gpt2"}
 
 Weights = dict[str, torch.Tensor | None]
 
