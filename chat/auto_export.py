@@ -77,7 +77,7 @@ def export_if_needed(options: LoadOptions, source: Path, say: Say, *, progress: 
                 return
             _run_export(source, entry, target, say, progress)
     except KeyboardInterrupt:
-        say("stopped: nothing was kept; running on transformers this time (Ctrl+C again leaves)")
+        say("stopped: nothing was kept; running on transformers this time")
     except OSError as why:
         say(f"(not exported: the artifact cache could not be used ({why.strerror or why}); running on transformers)")
 

@@ -39,7 +39,8 @@ Options:
   --dtype=DTYPE                auto, float32, bfloat16 or float16 [default: auto].
   --quantize=KIND              Weights of a model exported on first use: auto, int8 or none
                                [default: auto] (auto: int8 on a CPU that runs chat's native kernels).
-  --no-export                  Never export on first use: run transformers where no artifact is at hand.
+  --no-export                  Neither export on first use nor take chat's cached artifacts: run
+                               transformers where no artifact of your own is at hand.
   --cache                      List the artifacts exported on first use, with their sizes, and exit.
   --cache-remove=NAME          Remove one of them (as --cache names it), or all, and exit.
   --threads=N                  CPU threads (default: $OMP_NUM_THREADS, else one per CPU less those

@@ -58,6 +58,7 @@ def load_options(options: Options, model: str) -> LoadOptions:
         device=options.device,
         dtype=options.dtype,
         quantize=options.quantize,
+        first_use=options.export,
         threads=options.threads,
         offline=options.offline,
         trust_remote_code=options.trust_remote_code,

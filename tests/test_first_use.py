@@ -82,6 +82,8 @@ def test_no_export_and_backend_transformers_opt_out(model, tmp_path):
         result = run_chat(str(model), *QUESTION, *how, cache=cache)
         assert "transformers" in backend_line(result) and "making" not in result.stderr
     assert cached(cache) == []
+    run_chat(str(model), *QUESTION, cache=cache)  # exported; --no-export leaves it alone too
+    assert "transformers" in backend_line(run_chat(str(model), *QUESTION, "--no-export", cache=cache))
 
 
 def test_quantize_picks_the_weights_and_each_choice_has_its_own_entry(model, tmp_path):
@@ -208,3 +210,14 @@ def test_ctrl_c_during_the_export_keeps_nothing_and_the_chat_runs_on_transformer
     assert cached(cache) == []
     leftovers = [p for p in cache.iterdir() if p.name.startswith(".") and p.name != ".locks"]
     assert leftovers == []
+
+
+def test_cache_commands_need_no_model_and_say_what_is_wrong_in_one_line(tmp_path):
+    env = {**os.environ, "CHAT_ARTIFACTS_DIR": str(tmp_path / "cache")}
+    empty = subprocess.run([sys.executable, "-m", "chat", "--cache"], capture_output=True, text=True, env=env)
+    assert empty.returncode == 0 and empty.stdout == f"no artifacts cached in {tmp_path / 'cache'}\n"
+    for name, words in (("nope", "no such entry in"), ("../x", "give a name as chat --cache lists it")):
+        wrong = subprocess.run(
+            [sys.executable, "-m", "chat", "--cache-remove", name], capture_output=True, text=True, env=env
+        )
+        assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1 and words in wrong.stderr, wrong.stderr

@@ -251,9 +251,25 @@ def check_cpu_image(engine: Engine, model: Path) -> None:
         data = f"--volume={volume}:/data"
         engine.run(data, "--entrypoint", "sh", CPU_TAG, "-c", "touch /data/written && rm /data/written")
         kept_chat(engine, data, mount)
+        exported_on_first_use(engine, data, mount)
     finally:
         run(engine.tool, "volume", "rm", "-f", volume, check=False)
-    say("/data writable by the user, and a chat kept on it across two runs: ok")
+    say("/data writable by the user, a chat kept on it across two runs, an export on first use cached there: ok")
+
+
+def exported_on_first_use(engine: Engine, data: str, mount: str) -> None:
+    """The demo model has no float32 artifact: the first run exports one into /data, the next one reuses it,
+    and with /data read-only a new export is one line and the chat answers on transformers."""
+    one_shot = (CPU_TAG, "--dtype", "float32", "--temperature", "0", "--prompt", QUESTION)
+    first = engine.run(data, mount, *one_shot)
+    assert "making a native artifact" in first.stderr and "Paris" in first.stdout, first.stdout + first.stderr
+    assert "cached in /data/cache/chat/artifacts/" in first.stderr, first.stderr
+    again = engine.run(data, mount, *one_shot)
+    assert "making" not in again.stderr and "Paris" in again.stdout, again.stdout + again.stderr
+    listed = engine.run(data, CPU_TAG, "--cache").stdout
+    assert "cpu-float32-" in listed, listed
+    read_only = engine.run(f"{data}:ro", mount, *one_shot, "--quantize", "int8")  # not cached yet
+    assert "cannot be written" in read_only.stderr and "Paris" in read_only.stdout, read_only.stdout + read_only.stderr
 
 
 def kept_chat(engine: Engine, data: str, mount: str) -> None:

@@ -27,6 +27,7 @@ class LoadOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     quantize: str = "auto"  # auto | int8 | none: the weights of an artifact exported on first use
+    first_use: bool = True  # export on first use into chat's cache, and take artifacts from it (not --no-export)
     offline: bool = False
     trust_remote_code: bool = False
     threads: int | None = None  # CPU threads for torch; None: cpu_threads()

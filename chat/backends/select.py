@@ -89,21 +89,33 @@ def find_artifact(options: LoadOptions) -> tuple[Path | None, str]:
     device_type = device_type_of(options.device)
     dtypes = [options.dtype] if options.dtype != "auto" else preferred_dtypes(device_type)
     if path.is_dir():
-        candidates = [artifact_dir_for(path, device_type, dtype) for dtype in dtypes]
+        candidates = [c for c in (artifact_dir_for(path, device_type, d) for d in dtypes) if _weights_fit(c, options)]
         # A directory without its manifest still counts, so that its fault is reported rather than ignored.
         for found in [c for c in candidates if (c / MANIFEST).is_file()] + [c for c in candidates if c.is_dir()]:
             return found, f"{path} has an artifact exported for {device_type}: {found}"
-    if path.is_dir() or path.is_file():  # a GGUF file is a model too
+    if options.first_use and (path.is_dir() or path.is_file()):  # a GGUF file is a model too
         cached = entry_for(path, export_target(options))
         if is_artifact(cached):
             return cached, f"exported on first use, cached in {cached}"
     if not path.is_dir():
         return None, f"{options.model} is not a local directory; TorchScript needs an exported artifact"
     target = artifact_dir_for(path, device_type, dtypes[0])
+    quantized = " --quantize=int8" if options.quantize == "int8" else ""
     return None, (
         f"no TorchScript artifact for {device_type} in {path / ARTIFACTS_SUBDIR} "
-        f"(make one: python -m chat.export {path} {target} --device={device_type} --dtype={dtypes[0]})"
+        f"(make one: python -m chat.export {path} {target} --device={device_type} --dtype={dtypes[0]}{quantized})"
     )
+
+
+def _weights_fit(artifact: Path, options: LoadOptions) -> bool:
+    """Whether an artifact's weights are what --quantize asks for (any, with auto)."""
+    if options.quantize == "auto":
+        return True
+    try:
+        recorded = read_json(artifact / MANIFEST, "a chat TorchScript manifest", MANIFEST_MAX_BYTES).get("quantization")
+    except (JSONFileError, AttributeError):
+        return True  # missing or broken: taken, so that its fault is reported
+    return recorded == (None if options.quantize == "none" else options.quantize)
 
 
 def export_target(options: LoadOptions) -> Target:
