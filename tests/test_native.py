@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.skipif(native.supported() is not None, reason=f"native 
 @pytest.fixture(scope="module")
 def ops():
     """torch.ops.chat with the compiled kernels (built here if missing, as export does)."""
-    if not native.load(build_missing=True):
+    if not native.load():
         pytest.fail(f"native kernels did not load: {native.why_not()}")
     return torch.ops.chat
 
@@ -287,14 +289,19 @@ torch.save(logits, sys.argv[2])
 
 @pytest.mark.parametrize("artifact", ["llama_artifact", "int8_artifact"])
 def test_without_the_library_the_artifact_runs_on_torchs_kernels_and_says_so(request, artifact, ops, tmp_path):
-    """A missing library (another torch, no compiler) costs speed, not the chat: same logits, one note."""
+    """A library that cannot be built (a broken compiler) costs speed, not the chat: same logits, one note."""
     logits = {}
-    for kind, cache in (("native", native.cache_dir()), ("fallback", tmp_path / "empty")):
+    for kind, env in (
+        ("native", {"CHAT_NATIVE_DIR": str(native.find_library().parent)}),
+        ("fallback", {"CHAT_NATIVE_DIR": str(tmp_path / "empty"), "CXX": "/bin/false"}),
+    ):
         out = tmp_path / f"{kind}.pt"
-        done = run_python(FALLBACK_RUN, request.getfixturevalue(artifact), out, CHAT_NATIVE_DIR=str(cache))
+        done = run_python(FALLBACK_RUN, request.getfixturevalue(artifact), out, **env)
         assert done.stdout.splitlines()[0] == kind
         if kind == "fallback":
-            assert "native kernels are not built" in done.stdout and "torch's own kernels" in done.stdout
+            notes = done.stdout.splitlines()[1]
+            assert "building chat's native kernels failed" in notes and "torch's own kernels" in notes
+            assert notes.count("', '") == 0  # one note
         else:
             assert "NOTES []" in done.stdout
         logits[kind] = torch.load(out)
@@ -313,18 +320,6 @@ def test_a_manifest_naming_unknown_ops_is_refused(llama_artifact, tmp_path):
     path.write_text(json.dumps({**manifest, "ops": ["chat", "someone_elses"]}))
     with pytest.raises(ArtifactError, match="needs ops this chat does not provide"):
         read_manifest(copy)
-
-
-def test_build_into_a_directory_names_the_library_by_source_and_torch(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "chat.native", f"--into={tmp_path}"], capture_output=True, text=True, cwd=REPO
-    )
-    assert done.returncode == 0, done.stderr
-    built = Path(done.stdout.strip())
-    assert built.parent == tmp_path and built.is_file()
-    assert built.name == native.library_name() and torch.__version__.replace("+", "_") in built.name
-    assert not list(tmp_path.glob(".chat_native-*"))  # no partial file left behind
-    assert built.stat().st_mode & 0o044 == 0o044  # readable by other users (the Docker image's user)
 
 
 EXPORT_WITHOUT_COMPILER = """
@@ -373,3 +368,106 @@ def test_build_command_bad_input_is_one_line(tmp_path):
         assert done.returncode == code, done.stderr
         assert words in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) <= 2  # the "building" line, then the error
+
+
+def run_chat(artifact: Path, *, home: Path, **env: str) -> subprocess.CompletedProcess:
+    """The chat itself on `artifact`, fed a message and !status on stdin (no terminal), with a HOME of its own."""
+    done = subprocess.run(
+        [sys.executable, "-m", "chat", str(artifact), "--temperature=0", "--max-new-tokens=3", "--no-autosave"],
+        input="Hello\n!status\n",
+        env={**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), **env},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def chat_built(llama_artifact, tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """A chat with a fresh HOME and an empty library directory (the test session's one real build)."""
+    home, directory = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("native")
+    return run_chat(llama_artifact, home=home, CHAT_NATIVE_DIR=str(directory)), directory
+
+
+def test_a_chat_builds_missing_kernels_once_and_decodes_on_them(chat_built, llama_artifact, tmp_path):
+    done, directory = chat_built
+    assert re.search(
+        rf"built chat's native CPU kernels once \(\d+\.\d s\) into {re.escape(str(directory))}", done.stderr
+    )
+    assert re.search(r"device +cpu, float32, native AVX(-512|2) kernels, ", done.stdout)
+    assert "torch's" not in done.stderr
+    built = directory / native.library_name()
+    assert torch.__version__.replace("+", "_") in built.name and built.is_file()
+    assert not list(directory.glob(".chat_native-*"))  # no partial file left behind
+    assert built.stat().st_mode & 0o044 == 0o044  # readable by other users (a shared install's, the image's)
+    # The next chat, and python -m chat.native, find it: no second build.
+    again = run_chat(llama_artifact, home=tmp_path, CHAT_NATIVE_DIR=str(directory))
+    assert "built chat's native" not in again.stderr and "native AVX" in again.stdout
+    command = [sys.executable, "-m", "chat.native", f"--into={directory}"]
+    found = subprocess.run(
+        command, env={**os.environ, "CHAT_NATIVE_DIR": str(directory)}, capture_output=True, text=True
+    )
+    assert found.returncode == 0 and found.stdout.strip() == str(built) and "building" not in found.stderr
+
+
+def test_without_a_compiler_a_chat_says_in_one_line_how_to_get_one(llama_artifact, tmp_path):
+    """No g++ or c++ on PATH and no $CXX: the chat answers on torch's kernels, after one line on what to install."""
+    env = {key: value for key, value in os.environ.items() if key != "CXX"}
+    (tmp_path / "bin").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "chat", str(llama_artifact), "--temperature=0", "--max-new-tokens=3", "--no-autosave"],
+        input="Hello\n!status\n",
+        env={**env, "PATH": str(tmp_path / "bin"), "HOME": str(tmp_path), "CHAT_NATIVE_DIR": str(tmp_path / "lib")},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "decoding on torch's kernels, slower: install a C++ compiler (apt install g++) and chat builds its own"
+    ]
+    assert re.search(r"device +cpu, float32, \d+ threads?", done.stdout)  # torch's kernels: no "native"
+    assert re.search(r"last reply +prompt \d+ tok, reply [1-9]\d* tok", done.stdout)  # it answered
+
+
+LOAD_AND_SAY = """
+from chat import native
+print("native" if native.load() else native.why_not(), repr(native.take_built_note()))
+"""
+
+
+def test_a_build_waits_for_one_under_way_and_uses_its_library(chat_built, tmp_path):
+    """Two chats missing the library: the second waits on the first's lock, then loads what it built (a
+    private file renamed into place whole), without compiling its own."""
+    import fcntl
+    import shutil
+
+    lock = os.open(tmp_path / ".chat_native.lock", os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # this test is the first chat, building
+    waiting = subprocess.Popen(
+        [sys.executable, "-c", LOAD_AND_SAY],
+        env={**os.environ, "CHAT_NATIVE_DIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while f"-> FLOCK  ADVISORY  WRITE {waiting.pid} " not in Path("/proc/locks").read_text():
+            assert waiting.poll() is None and time.monotonic() < deadline, "the second build did not wait"
+            time.sleep(0.1)
+        target = tmp_path / native.library_name()
+        shutil.copy(chat_built[1] / native.library_name(), tmp_path / ".partial")
+        os.replace(tmp_path / ".partial", target)
+        inode = target.stat().st_ino
+    finally:
+        os.close(lock)
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err
+    assert out.split() == ["native", "''"]  # loaded, and built nothing itself
+    assert target.stat().st_ino == inode

@@ -12,8 +12,6 @@ was chosen (shown by !status).
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 from importlib import metadata
 from pathlib import Path
 
@@ -169,10 +167,9 @@ def _native_kernels_possible() -> bool:
     (for some torch) or a compiler to build it."""
     if native.supported() is not None:
         return False
-    compilers = [os.environ.get("CXX") or "", "g++", "c++"]
-    if any(shutil.which(c) for c in compilers if c):
+    if native.find_compiler() is not None:
         return True
-    return any(d.is_dir() and any(d.glob("*.so")) for d in (native.PACKAGED, native.cache_dir()))
+    return any(d.is_dir() and any(d.glob("chat_native-*.so")) for d in native.search_path())
 
 
 def device_type_of(device: str) -> str:

@@ -49,10 +49,14 @@ class TorchScriptBackend:
         torch.set_num_threads(threads.count)
         notes, kernels = [], ""
         if native.OPS in manifest.get("ops", []):
+            # A missing library is built here (once, ~10 s of g++): this runs behind the prompt, before the
+            # first reply, and torch's kernels behind the same ops are several times slower.
             if not native.load():
-                notes.append(f"{native.why_not()}; decoding on torch's own kernels, slower")
+                notes.append(native.fallback_note())
             elif not (kernels := native.kernels_in_use()):
                 notes.append("this CPU has neither AVX2 nor AVX-512: decoding on torch's own kernels, slower")
+            if built := native.take_built_note():
+                notes.append(built)
         try:
             with quiet_torchscript():
                 module = torch.jit.load(str(directory / MODEL_FILE), map_location=device)

@@ -202,7 +202,9 @@ def _native_kernels(progress: Progress) -> bool:
         return False
     if native.find_library() is None:
         progress("building chat's native CPU kernels (once, about 10 s)")
-    if native.load(build_missing=True):
+    if native.load():
+        if built := native.take_built_note():
+            progress(built)
         return True
     progress(f"decode on torch's kernels: {native.why_not()}")
     return False

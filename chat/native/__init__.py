@@ -7,22 +7,29 @@ their rows' scales too. CPU artifacts exported where the kernels are built call 
 manifest lists "chat" in "ops".
 
 The kernels are compiled once per machine, torch version and source (about 10 s of g++ against torch's
-headers): by `make`, by `python -m chat.native`, or by export when missing. The library is looked for in
-`lib/` beside this file (where the Docker image and the bundle put it), then in the user cache
-($CHAT_NATIVE_DIR, else $XDG_CACHE_HOME/chat/native or ~/.cache/chat/native). Where it is missing (no
-compiler, say), the same ops run on torch's own kernels, registered here: slower, same results. The library
-picks its AVX-512 or AVX2 code by the CPU when it runs ($CHAT_NATIVE_ISA=avx2 or =torch caps it).
+headers): by the first chat or export that finds them missing, by `make`, or by `python -m chat.native`. The
+library is looked for in `lib/` beside this file (where the Docker image and the bundle put it), then in the
+user cache ($XDG_CACHE_HOME/chat/native or ~/.cache/chat/native); $CHAT_NATIVE_DIR names one directory
+instead of both. A build goes into `lib/` when it is writable (a venv the user owns: every HOME of that
+install shares it), else the user cache. Where it cannot be built (no compiler, say), the same ops run on
+torch's own kernels, registered here: slower, same results. The library picks its AVX-512 or AVX2 code by the
+CPU when it runs ($CHAT_NATIVE_ISA=avx2 or =torch caps it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from chat.errors import ChatError
@@ -33,7 +40,11 @@ OPS = "chat"  # the torch.ops namespace, as listed in an artifact manifest's "op
 
 _native: bool | None = None  # None until load(): whether the compiled kernels run the ops
 _why_not = ""
+_built: tuple[Path, float] | None = None  # the library load() built, and the seconds it took
 _fallback = None  # the torch.library.Library of the fallback ops; kept alive while the process runs
+
+
+NO_COMPILER = "no C++ compiler found (g++, c++ or $CXX): install one (apt install g++)"
 
 
 class NativeBuildError(ChatError):
@@ -50,10 +61,24 @@ def library_name() -> str:
 
 
 def cache_dir() -> Path:
-    if os.environ.get("CHAT_NATIVE_DIR"):
-        return Path(os.environ["CHAT_NATIVE_DIR"]).expanduser()
+    """The user cache: $XDG_CACHE_HOME/chat/native, else ~/.cache/chat/native."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "chat" / "native"
+
+
+def search_path() -> tuple[Path, ...]:
+    """Where the library is looked for, in order: $CHAT_NATIVE_DIR alone, else the package's lib/ and the user cache."""
+    if os.environ.get("CHAT_NATIVE_DIR"):
+        return (Path(os.environ["CHAT_NATIVE_DIR"]).expanduser(),)
+    return PACKAGED, cache_dir()
+
+
+def build_dir() -> Path:
+    """Where a build goes: the package's lib/ when this user may write there (shared by every HOME of this
+    install), else the user cache; $CHAT_NATIVE_DIR when set."""
+    first, *rest = search_path()
+    existing = first if first.exists() else first.parent
+    return first if not rest or os.access(existing, os.W_OK) else rest[0]
 
 
 def buildable() -> str | None:
@@ -76,34 +101,78 @@ def supported() -> str | None:
 
 def find_library() -> Path | None:
     name = library_name()
-    for directory in (PACKAGED, cache_dir()):
+    for directory in search_path():
         if (directory / name).is_file():
             return directory / name
     return None
 
 
-def build(directory: Path | None = None) -> Path:
-    """Compile kernels.cpp into `directory` (default: the user cache), atomically; return the library."""
-    import torch
-    from torch.utils.cpp_extension import include_paths, library_paths
+def find_compiler() -> list[str] | None:
+    """$CXX (a command, possibly with arguments, as make takes it), else g++ or c++ on PATH; None if none runs."""
+    if os.environ.get("CXX"):
+        command = shlex.split(os.environ["CXX"])
+        path = shutil.which(command[0])
+        return [path, *command[1:]] if path else None
+    path = shutil.which("g++") or shutil.which("c++")
+    return [path] if path else None
 
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise NativeBuildError("no C++ compiler (g++) found to build chat's native kernels; install g++")
-    directory = Path(directory or cache_dir())
+
+def build(directory: Path | None = None, force: bool = False) -> Path:
+    """Compile kernels.cpp into `directory` (default: build_dir()) unless it is there (force: even then);
+    return the library."""
+    directory = Path(directory or build_dir())
     target = directory / library_name()
+    with _build_lock(directory):
+        if force or not target.is_file():  # else built by whoever held the lock before us
+            _compile(target)
+    return target
+
+
+@contextmanager
+def _build_lock(directory: Path) -> Iterator[None]:
+    """Builds into one directory (other chats, other users of a shared install) take turns: one compiles,
+    the others then find its library instead of compiling their own."""
+    import fcntl
+
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(prefix=".chat_native-", suffix=".so", dir=directory)
-        os.close(fd)
+        # Read-only is enough to lock: another user of a shared install may not own the lock file.
+        lock = os.open(directory / ".chat_native.lock", os.O_RDONLY | os.O_CREAT, 0o644)
     except OSError as why:
         raise NativeBuildError(
             f"cannot write in {directory} ({why.strerror or why}); name a writable directory "
             "(CHAT_NATIVE_DIR, or --into for python -m chat.native)"
         ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)  # and with it the lock
+
+
+def _compile(target: Path) -> None:
+    """g++ writes a private file, renamed onto `target` whole: a half-written library is never found (and a
+    process that loaded the one it replaces keeps that file's inode)."""
+    import torch
+
+    # Its import warns "No CUDA runtime is found" with a CUDA build of torch on a machine without a GPU: a
+    # line in the middle of the chat about a CUDA toolkit these CPU kernels never use.
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import include_paths, library_paths
+    finally:
+        cpp_log.setLevel(level)
+
+    compiler = find_compiler()
+    if compiler is None:
+        raise NativeBuildError(NO_COMPILER)
+    fd, partial = tempfile.mkstemp(prefix=".chat_native-", suffix=".so", dir=target.parent)
+    os.close(fd)
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     command = [
-        compiler,
+        *compiler,
         # No contraction into fused multiply-adds: RoPE rounds each product as torch's ops do.
         *("-O3", "-ffp-contract=off", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"),
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
@@ -121,13 +190,13 @@ def build(directory: Path | None = None) -> Path:
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
-    return target
 
 
-def load(build_missing: bool = False) -> bool:
+def load() -> bool:
     """Register the torch.ops.chat ops, once per process; True when the compiled kernels run them.
 
-    build_missing: compile the library first if it is missing (export does; a chat does not wait for g++)."""
+    A missing library is compiled first where this CPU runs it faster than torch's kernels (about 10 s;
+    take_built_note() then says where and how long)."""
     global _native, _why_not
     if _native is not None:
         return _native
@@ -136,13 +205,13 @@ def load(build_missing: bool = False) -> bool:
     _why_not = buildable() or ""
     path = None if _why_not else find_library()
     if path is None and not _why_not:
-        if build_missing:
+        if reason := supported():
+            _why_not = reason
+        else:
             try:
-                path = build()
+                path = _build_missing()
             except ChatError as why:
                 _why_not = str(why)
-        else:
-            _why_not = "chat's native kernels are not built (python -m chat.native builds them)"
     if path is not None:
         try:
             torch.ops.load_library(str(path))
@@ -153,6 +222,36 @@ def load(build_missing: bool = False) -> bool:
     if not _native:
         _register_fallback()
     return _native
+
+
+def _build_missing() -> Path:
+    """Build the library into build_dir(), unless another process builds it meanwhile (then use theirs)."""
+    global _built
+    directory = build_dir()
+    with _build_lock(directory):
+        if found := find_library():
+            return found
+        start = time.perf_counter()
+        _compile(directory / library_name())
+        _built = (directory / library_name(), time.perf_counter() - start)
+    return _built[0]
+
+
+def take_built_note() -> str:
+    """After load(): the line that says this process built the library, for the first caller only (an export
+    and then the chat's backend in one process say it once); else ""."""
+    global _built
+    if _built is None:
+        return ""
+    (path, seconds), _built = _built, None
+    return f"built chat's native CPU kernels once ({seconds:.1f} s) into {path.parent}"
+
+
+def fallback_note() -> str:
+    """After load() returned False: the one line a chat shows, with what would make the kernels run."""
+    if _why_not == NO_COMPILER:
+        return "decoding on torch's kernels, slower: install a C++ compiler (apt install g++) and chat builds its own"
+    return f"{_why_not}; decoding on torch's own kernels, slower"
 
 
 def kernels_in_use() -> str:

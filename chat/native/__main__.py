@@ -5,7 +5,8 @@ Usage:
   chat.native (-h | --help)
 
 Options:
-  --into=DIR  where to put the library [default: the user cache]
+  --into=DIR  where to put the library (default: chat/native/lib in the package when writable, else the
+              user cache; $CHAT_NATIVE_DIR when set)
   --force     build even if the library is there
 
 Exit 0 with the library's path, or where the kernels do not build (another OS or architecture: chat's
@@ -33,14 +34,14 @@ def main() -> int:
     if reason:
         print(f"chat.native: not built: {reason}; torch's own kernels will run chat's ops")
         return 0
-    into = None if args["--into"] == "the user cache" else Path(args["--into"])
+    into = Path(args["--into"]) if args["--into"] else None
     existing = native.find_library()
     if existing and not args["--force"] and (into is None or existing.parent == into.resolve()):
         print(existing)
         return 0
     print("chat.native: building chat's native kernels (about 10 s) ...", file=sys.stderr, flush=True)
     try:
-        print(native.build(into))
+        print(native.build(into, force=args["--force"]))
     except ChatError as why:
         print(f"chat.native: {why}", file=sys.stderr)
         return 1
