@@ -6,14 +6,17 @@ BIN := $(VENV)/bin
 # range would pull a multi-GB CUDA build.
 DEMO := models/smollm2-135m-instruct
 DEMO_STAMP := $(DEMO)/.complete
+# The GGUF file the demo model is converted from, kept beside it: `chat $(DEMO_GGUF)` runs it too.
+DEMO_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The demo model exported for this CPU: bfloat16 is the fastest here (see docs/performance.md).
 DEMO_ARTIFACT := $(DEMO)/torchscript/cpu-bfloat16
 
-.PHONY: help venv native demo demo-model demo-artifact test lint format bench bundle bundle-test image-test clean
+.PHONY: help venv native demo demo-model demo-artifact test test-torch-next lint format bench bundle bundle-test image-test clean
 
 help:
 	@echo "make demo    install into .venv, fetch the demo model and chat with it"
 	@echo "make test    install what the tests need and run them"
+	@echo "make test-torch-next  the backend, export, native and session tests on torch $(NEXT_TORCH) (not in CI)"
 	@echo "make lint    ruff and hadolint"
 	@echo "make bench   TorchScript vs transformers on the demo model"
 	@echo "make bundle  standalone executables in dist/ (make bundle-test: CI's smoke test)"
@@ -30,14 +33,20 @@ $(VENV)/.installed: pyproject.toml requirements/torch.txt requirements/runtime.t
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-# chat's native CPU kernels (chat/native): compiled once per torch and source into ~/.cache/chat/native
-# (about 10 s of g++); without them the same ops run on torch's own kernels, slower.
+# chat's native CPU kernels (chat/native): compiled once per torch and source into chat/native/lib (else
+# ~/.cache/chat/native; about 10 s of g++), as a chat would on first use; without them the same ops run on
+# torch's own kernels, slower.
 native: $(VENV)/.installed
 	$(BIN)/python -m chat.native
 
-demo-model: $(DEMO_STAMP)
+demo-model: $(DEMO_STAMP) $(DEMO_GGUF)
 
 $(DEMO_STAMP): $(VENV)/.installed
+	$(BIN)/python scripts/fetch_demo_model.py --dest=$(DEMO)
+
+# The same script keeps the GGUF file, also where the model directory was fetched before it did (order-only:
+# the file is older than the stamp).
+$(DEMO_GGUF): | $(DEMO_STAMP)
 	$(BIN)/python scripts/fetch_demo_model.py --dest=$(DEMO)
 
 demo-artifact: $(DEMO_ARTIFACT)/chat-artifact.json
@@ -55,6 +64,25 @@ demo: demo-model demo-artifact
 
 test: demo-model demo-artifact native
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The next torch, before requirements/torch.txt moves to it: a second venv (PyPI's build, several GB), its own
+# native kernels, and the tests of what touches torch. PIP_CONSTRAINT=/dev/null: a site-wide pip constraint
+# capping torch (our machines have one) would refuse the pin.
+NEXT_TORCH := 2.15.0
+NEXT := .venv-torch-2.15
+NEXT_TESTS := tests/test_torchscript_backend.py tests/test_export.py tests/test_native.py tests/test_session.py \
+	tests/test_select.py
+
+$(NEXT)/.installed: pyproject.toml requirements/runtime.txt requirements/dev.txt
+	test -x $(NEXT)/bin/python || $(PYTHON) -m venv $(NEXT)
+	$(NEXT)/bin/python -m pip install -q --upgrade pip
+	PIP_CONSTRAINT=/dev/null $(NEXT)/bin/python -m pip install -q torch==$(NEXT_TORCH) -r requirements/dev.txt
+	$(NEXT)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+test-torch-next: $(NEXT)/.installed demo-model demo-artifact
+	$(NEXT)/bin/python -m chat.native
+	HF_HUB_OFFLINE=1 $(NEXT)/bin/python -m pytest -q $(NEXT_TESTS)
 
 lint: venv
 	$(BIN)/ruff check chat scripts tests packaging tools experiments
@@ -79,4 +107,4 @@ image-test: demo-artifact
 	$(BIN)/python tools/image_test.py
 
 clean:
-	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(NEXT) build dist .pytest_cache .ruff_cache

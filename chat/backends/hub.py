@@ -1,4 +1,4 @@
-"""Where a model named on the command line lives: a local directory, or a Hugging Face Hub snapshot.
+"""Where a model named on the command line lives: a local directory, a GGUF file, or a Hugging Face Hub snapshot.
 
 No torch here: the interactive chat resolves (and, if need be, downloads) a Hub model before its prompt,
 with progress shown, then loads it in the background (chat.loading.SessionLoad).
@@ -9,16 +9,41 @@ from __future__ import annotations
 from pathlib import Path
 
 from chat.backends.base import LoadOptions
-from chat.errors import ChatError, UsageError
+from chat.errors import ChatError, UsageError, file_error
+
+GGUF_MAGIC = b"GGUF"  # the first bytes of every GGUF file (llama.cpp's format)
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether path is a GGUF file, by its first bytes; a file named *.gguf that is not one is a UsageError."""
+    if not path.is_file():
+        return False
+    named = path.suffix.lower() == ".gguf"
+    try:
+        with path.open("rb") as file:
+            magic = file.read(len(GGUF_MAGIC))
+    except OSError as why:
+        if named:
+            raise UsageError(f"cannot read the GGUF file {file_error(why)}") from None
+        return False
+    if magic != GGUF_MAGIC and named:
+        raise UsageError(f"{path} is not a GGUF file (it does not start with GGUF); check it, or download it again")
+    return magic == GGUF_MAGIC
 
 
 def locate_model(options: LoadOptions) -> Path:
-    """A local directory for the model: the path itself, or a Hub snapshot (downloaded unless offline)."""
+    """Where the model is: the directory or GGUF file named, or a Hub snapshot (downloaded unless offline)."""
     path = Path(options.model).expanduser()
     if path.is_dir():
         return path
+    if is_gguf(path):
+        return path.resolve()
     if path.exists():
-        raise UsageError(f"{options.model} is a file; name the model's directory (the one with config.json)")
+        raise UsageError(
+            f"{options.model} is a file; name the model's directory (the one with config.json) or a GGUF file"
+        )
+    if path.suffix.lower() == ".gguf":
+        raise UsageError(f"GGUF file {options.model} does not exist; check the path")
     if options.model.startswith((".", "/", "~")) or options.model.count("/") > 1:
         raise UsageError(f"model directory {options.model} does not exist; check the path")
     from huggingface_hub import snapshot_download

@@ -1,7 +1,10 @@
-"""The transformers backend: any causal LM that transformers can load, with its own KV cache."""
+"""The transformers backend: any causal LM that transformers can load (a model directory, a Hub snapshot or
+a GGUF file), with its own KV cache."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,7 +12,7 @@ from pathlib import Path
 import torch
 
 from chat.backends.base import BackendInfo, LoadOptions, Message, common_prefix
-from chat.backends.hub import locate_model
+from chat.backends.hub import is_gguf, locate_model
 from chat.errors import ChatError, UsageError
 from chat.jsonfile import MODEL_CONFIG_MAX_BYTES, JSONFileError, NoSuchFile, read_json
 from chat.threads import StartingThreads
@@ -95,6 +98,88 @@ def check_model_dir(path: Path, trust_remote_code: bool) -> dict:
     return config
 
 
+# What transformers needs to read a GGUF file (from_pretrained refuses one without accelerate).
+GGUF_PACKAGES = ("gguf", "accelerate")
+# llama.cpp's names for architectures that transformers' GGUF loader knows by another (load_gguf_checkpoint
+# renames them before it looks them up).
+_GGUF_RENAMED = {
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "gpt-oss": "gpt_oss",
+    "minimax-m2": "minimax_m2",
+    "t5encoder": "t5",
+}
+
+
+def check_gguf(path: Path) -> str:
+    """The architecture a GGUF file holds (its general.architecture); fail early, in one line, where the
+    packages for GGUF are missing or transformers cannot read that architecture."""
+    missing = [name for name in GGUF_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ChatError(f"reading a GGUF file needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    try:
+        architecture = gguf_architecture(path)
+    except Exception as why:  # a truncated or foreign file: struct, numpy and the readers raise many kinds
+        raise ChatError(f"{path} could not be read as GGUF ({_short(why)}); download it again") from None
+    if not transformers_reads_gguf(architecture):
+        import transformers
+
+        raise ChatError(
+            f"{path} holds a '{architecture}' model, which transformers {transformers.__version__} cannot read "
+            "from GGUF; upgrade transformers (pip install -U transformers) or use the model's safetensors checkpoint"
+        )
+    return architecture
+
+
+def gguf_architecture(path: Path) -> str:
+    """general.architecture from a GGUF file's metadata."""
+    try:  # transformers 5's own reader leaves the vocabulary unread: 20 ms on the demo, where GGUFReader takes 4 s
+        from transformers.integrations.gguf.reader import read_gguf_metadata
+    except ImportError:
+        return gguf_package_architecture(path)
+    return str(read_gguf_metadata(str(path))[0]["general.architecture"])
+
+
+def gguf_package_architecture(path: Path) -> str:
+    """general.architecture read by the gguf package, for a transformers without a reader of its own."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).get_field("general.architecture")
+    if field is None:
+        raise ValueError("no general.architecture in its metadata")
+    return str(field.contents())
+
+
+def transformers_reads_gguf(architecture: str) -> bool:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:  # newer transformers load some architectures on a second path, which keeps GGUF blocks packed
+        from transformers.integrations.gguf import GGUF_ARCHS
+    except ImportError:
+        GGUF_ARCHS = {}
+    # The legacy list is the keys of a config mapping, which has two entries that are not architectures.
+    legacy = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}
+    return architecture in GGUF_ARCHS or _GGUF_RENAMED.get(architecture, architecture) in legacy
+
+
+def quiet_gguf_loading() -> None:
+    """Silence the progress bar transformers' GGUF loader draws with its own tqdm, which
+    transformers.logging.disable_progress_bar() does not reach."""
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    if not isinstance(loader.tqdm, functools.partial):
+        loader.tqdm = functools.partial(loader.tqdm, disable=True)
+
+
+def pretrained_source(path: Path) -> tuple[Path, dict[str, str]]:
+    """The directory and extra from_pretrained arguments that load the model at path (a GGUF file, or not)."""
+    if not is_gguf(path):
+        return path, {}
+    # The file's full path: a bare name is looked for in the working directory first, where another file of
+    # that name may be.
+    return path.parent, {"gguf_file": str(path)}
+
+
 class TransformersBackend:
     def __init__(self, options: LoadOptions):
         import transformers
@@ -102,22 +187,28 @@ class TransformersBackend:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         path = locate_model(options)
-        config = check_model_dir(path, options.trust_remote_code)
+        if is_gguf(path):
+            check_gguf(path)
+            quiet_gguf_loading()
+            config = {}  # the settings come from the GGUF metadata, read by from_pretrained
+        else:
+            config = check_model_dir(path, options.trust_remote_code)
         device = resolve_device(options.device)
         dtype = resolve_dtype(options.dtype, device)
         threads = StartingThreads(options, device.type)
         torch.set_num_threads(threads.count)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        common = {"trust_remote_code": options.trust_remote_code, "local_files_only": True}
+        source, gguf_file = pretrained_source(path)
+        common = {"trust_remote_code": options.trust_remote_code, "local_files_only": True, **gguf_file}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **common)
+            tokenizer = AutoTokenizer.from_pretrained(source, **common)
         except Exception as why:
             raise ChatError(
                 f"could not load the tokenizer of {path} ({_short(why)}); the model needs tokenizer files"
             ) from None
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **common)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common)
         except ValueError as why:
             if "trust_remote_code" in str(why):
                 raise ChatError(f"{path} needs its own Python code; if you trust it, add --trust-remote-code") from None

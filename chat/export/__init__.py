@@ -9,6 +9,7 @@ answers at once.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import shutil
@@ -67,13 +68,19 @@ def export(
     verify: bool = False,
     progress: Progress = lambda message: None,
 ) -> Path:
-    """Write the artifact of `model` (a directory or Hub id) to `outdir`, atomically; return outdir.
+    """Write the artifact of `model` (a directory, a GGUF file or a Hub id) to `outdir`, atomically; return outdir.
     quantize="int8": matmul weights as int8 with a scale per row (chat.export.quantize; CPU only)."""
     import torch
 
     from chat.backends.base import LoadOptions
-    from chat.backends.hub import locate_model
-    from chat.backends.transformers_backend import check_model_dir, resolve_device
+    from chat.backends.hub import is_gguf, locate_model
+    from chat.backends.transformers_backend import (
+        check_gguf,
+        check_model_dir,
+        pretrained_source,
+        quiet_gguf_loading,
+        resolve_device,
+    )
     from chat.export.families import context_limit, convert, family_of
     from chat.export.model import LeanLM, allocate_cache, fewest_ops, quiet_torchscript, transposed_weights
 
@@ -97,16 +104,23 @@ def export(
         raise UsageError(f"cannot write in {outdir.parent} ({why.strerror or why}); pick another OUTDIR") from None
 
     source = locate_model(LoadOptions(model=model))
-    config = check_model_dir(source, trust_remote_code=False)
+    gguf = is_gguf(source)
+    # llama.cpp names each architecture we export as transformers names its model type.
+    config = {"model_type": check_gguf(source)} if gguf else check_model_dir(source, trust_remote_code=False)
     family_of(str(config.get("model_type")))
     import transformers
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    progress(f"loading {source} with transformers")
+    if gguf:
+        quiet_gguf_loading()
+    progress(f"loading {source} with transformers" + (", its weights dequantized to float32" if gguf else ""))
+    directory, gguf_file = pretrained_source(source)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=True).eval()
+        hf = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, local_files_only=True, **gguf_file
+        ).eval()
     except Exception as why:  # transformers raises many kinds; the user needs one line
         first = (str(why).strip().splitlines() or [type(why).__name__])[0][:200]
         raise ChatError(f"transformers could not load {source} ({first}); check or download the model again") from None
@@ -159,7 +173,10 @@ def export(
         with quiet_torchscript():
             torch.jit.save(traced, str(work / MODEL_FILE))
         del traced
-        _copy_tokenizer(source, work)
+        if gguf:
+            _write_gguf_files(source, hf, work)
+        else:
+            _copy_tokenizer(source, work)
         from chat.tokenizer import FastTokenizer
 
         progress("hashing files and writing the manifest")
@@ -305,8 +322,35 @@ def _copy_tokenizer(source: Path, work: Path) -> None:
             raise ChatError(f"{source}'s tokenizer has no fast (tokenizer.json) form; it cannot be exported yet")
 
 
+def _write_gguf_files(source: Path, hf, work: Path) -> None:
+    """The files a GGUF file's model needs in its artifact, which the GGUF holds as metadata: tokenizer.json,
+    tokenizer_config.json and the chat template (by transformers' GGUF tokenizer), config.json and
+    generation_config.json (eos ids and the model's settings)."""
+    from transformers import AutoTokenizer
+
+    from chat.backends.transformers_backend import pretrained_source
+
+    directory, gguf_file = pretrained_source(source)
+    try:
+        AutoTokenizer.from_pretrained(directory, local_files_only=True, **gguf_file).save_pretrained(work)
+    except Exception as why:
+        first = (str(why).strip().splitlines() or [type(why).__name__])[0][:200]
+        raise ChatError(f"transformers could not read the tokenizer of {source} ({first})") from None
+    config = copy.deepcopy(hf.config)
+    # Left in, quantization_config sends any later load of this config down transformers' GGUF path.
+    for name in ("quantization_config", "_model_name_or_path"):  # and the GGUF's general.name is not a path
+        if hasattr(config, name):
+            delattr(config, name)
+    config.architectures = [type(hf).__name__]  # as save_pretrained records it
+    config.to_json_file(work / "config.json")
+    hf.generation_config.save_pretrained(work)
+
+
 def _source_version(source: Path) -> dict[str, str]:
-    """The Hub revision when the source is a Hub snapshot, else a sha256 over config and weight files."""
+    """The Hub revision when the source is a Hub snapshot, a GGUF file's sha256, else a sha256 over config and
+    weight files."""
+    if source.is_file():
+        return {"sha256": sha256_file(source)}
     if source.parent.name == "snapshots":
         return {"revision": source.name}
     digest = hashlib.sha256()

@@ -5,7 +5,8 @@ Usage:
   chat.export (-h | --help)
 
 Arguments:
-  MODEL            a local model directory or a Hugging Face Hub id (llama, mistral, qwen2, phi3, gpt2)
+  MODEL            a local model directory, a GGUF file or a Hugging Face Hub id (llama, mistral, qwen2,
+                   phi3, gpt2)
   OUTDIR           where the artifact goes; `chat --model MODEL_DIR` finds it by itself when OUTDIR is
                    MODEL_DIR/torchscript/DEVICE-DTYPE, and `chat --model OUTDIR` runs it from anywhere
 
