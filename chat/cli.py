@@ -38,7 +38,8 @@ Options:
   --device=DEVICE              auto, cpu, cuda or cuda:N [default: auto].
   --dtype=DTYPE                auto, float32, bfloat16 or float16 [default: auto].
   --quantize=KIND              Weights of a model exported on first use: auto, int8 or none
-                               [default: auto] (auto: int8 on a CPU that runs chat's native kernels).
+                               [default: auto] (auto: int8 with --dtype auto on a CPU that runs
+                               chat's native kernels).
   --no-export                  Neither export on first use nor take chat's cached artifacts: run
                                transformers where no artifact of your own is at hand.
   --cache                      List the artifacts exported on first use, with their sizes, and exit.

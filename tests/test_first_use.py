@@ -92,7 +92,9 @@ def test_quantize_picks_the_weights_and_each_choice_has_its_own_entry(model, tmp
     assert "cpu-float32-" in backend_line(full) and "int8" not in backend_line(full)
     rounded = run_chat(str(model), *QUESTION, "--quantize", "int8", "--dtype", "float32", cache=cache)
     assert "cpu-float32-int8-" in backend_line(rounded)
-    assert len(cached(cache)) == 2
+    named = run_chat(str(model), *QUESTION, "--dtype", "bfloat16", cache=cache)  # a dtype asked for: unrounded
+    assert "cpu-bfloat16-" in backend_line(named) and "int8" not in backend_line(named)
+    assert len(cached(cache)) == 3
 
 
 def test_a_changed_model_is_exported_again_and_replaces_its_old_entry(model, tmp_path):

@@ -117,13 +117,14 @@ def _weights_fit(artifact: Path, options: LoadOptions) -> bool:
 
 
 def export_target(options: LoadOptions) -> Target:
-    """What auto exports for these options: the preferred dtype; on a CPU where chat's native kernels run,
-    int8 weights unless --quantize none (see docs/performance.md for why)."""
+    """What auto exports for these options: the preferred dtype; with --dtype auto on a CPU where chat's
+    native kernels run, int8 weights unless --quantize none (docs/performance.md has the figures)."""
     device_type = device_type_of(options.device)
     dtype = options.dtype if options.dtype != "auto" else preferred_dtypes(device_type)[0]
     quantization = None if options.quantize == "none" else options.quantize
-    if quantization == "auto":
-        quantization = "int8" if device_type == "cpu" and _native_kernels_possible() else None
+    if quantization == "auto":  # an explicit --dtype asks for those weights, unrounded
+        native_int8 = device_type == "cpu" and options.dtype == "auto" and _native_kernels_possible()
+        quantization = "int8" if native_int8 else None
     return Target(device_type, dtype, quantization)
 
 

@@ -83,6 +83,7 @@ def export(
     )
     from chat.export.families import context_limit, convert, family_of
     from chat.export.model import LeanLM, allocate_cache, fewest_ops, quiet_torchscript, transposed_weights
+    from chat.threads import StartingThreads
 
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype={dtype}: use float32, bfloat16 or float16")
@@ -94,6 +95,8 @@ def export(
         raise UsageError("--quantize int8 is for --device cpu (a GPU step is bound by kernel launches, not bytes)")
     torch_device = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
+    # As a chat does: on CPUs other programs keep busy, more threads than free CPUs make each op wait.
+    threads = StartingThreads(None, torch_device.type)
     outdir = Path(outdir).expanduser().resolve()
     if outdir.exists() and not (is_artifact(outdir) or (outdir.is_dir() and not any(outdir.iterdir()))):
         raise UsageError(f"{outdir} exists and is not an artifact directory; name a new or empty directory")
@@ -113,6 +116,7 @@ def export(
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    torch.set_num_threads(threads.settle())
     if gguf:
         quiet_gguf_loading()
     progress(f"loading {source} with transformers" + (", its weights dequantized to float32" if gguf else ""))
