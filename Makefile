@@ -11,7 +11,7 @@ DEMO_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The demo model exported for this CPU: bfloat16 is the fastest here (see docs/performance.md).
 DEMO_ARTIFACT := $(DEMO)/torchscript/cpu-bfloat16
 
-.PHONY: help venv native demo demo-model demo-artifact test test-torch-next lint format bench bundle bundle-test image-test clean
+.PHONY: help venv native demo demo-model demo-artifact test test-torch-next lint format bench bundle bundle-test image-test clean llama-cpp bench-peers
 
 help:
 	@echo "make demo    install into .venv, fetch the demo model and chat with it"
@@ -19,6 +19,7 @@ help:
 	@echo "make test-torch-next  the backend, export, native and session tests on torch $(NEXT_TORCH) (not in CI)"
 	@echo "make lint    ruff and hadolint"
 	@echo "make bench   TorchScript vs transformers on the demo model"
+	@echo "make bench-peers  TorchScript vs llama.cpp on the demo model (make llama-cpp: build llama.cpp once)"
 	@echo "make bundle  standalone executables in dist/ (make bundle-test: CI's smoke test)"
 	@echo "make image-test  build both Docker images and check them on the demo model (docker, else podman)"
 
@@ -108,3 +109,14 @@ image-test: demo-artifact
 
 clean:
 	rm -rf $(VENV) $(NEXT) build dist .pytest_cache .ruff_cache
+
+# llama.cpp from the llama-cpp-python sdist, built once (~7 min on 2 idle cores) into ~/.cache/chat/llama.cpp
+# ($CHAT_LLAMA_CPP_DIR overrides) and reused after; prints where llama-bench, llama-quantize, llama-server are.
+llama-cpp: $(VENV)/.installed
+	$(BIN)/python tools/llama_cpp.py
+
+# Alternated rounds against llama.cpp (BF16, Q8_0, F32, one thread); ROUNDS and MINUTES for more rounds.
+ROUNDS ?= 3
+MINUTES ?= 0
+bench-peers: demo-model llama-cpp
+	$(BIN)/python tools/bench_peers.py --model=$(DEMO) --rounds=$(ROUNDS) --minutes=$(MINUTES)

@@ -1,0 +1,61 @@
+"""tools/llama_cpp.py and tools/bench_peers.py without building llama.cpp: the stamp and the tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def load(name: str):
+    sys.path.insert(0, str(TOOLS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(TOOLS))
+    return module
+
+
+def test_the_build_is_reused_only_as_stamped(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHAT_LLAMA_CPP_DIR", str(tmp_path))
+    llama_cpp = load("llama_cpp")
+    assert llama_cpp.cache_dir() == tmp_path
+    assert not llama_cpp.is_built()
+    for path in llama_cpp.programs().values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    (tmp_path / "build.json").write_text(json.dumps({**llama_cpp.stamp_wanted(), "build_s": 1}))
+    assert llama_cpp.is_built()
+    # Other flags (or sources) than the stamp's: built again.
+    (tmp_path / "build.json").write_text(json.dumps({**llama_cpp.stamp_wanted(), "cmake": []}))
+    assert not llama_cpp.is_built()
+
+
+def test_ratios_are_of_the_bests_and_the_median_of_each_rounds_ratio():
+    bench_peers = load("bench_peers")
+
+    def side(tok_s: float, rss: float) -> dict:
+        return {"decode_64": tok_s, "decode_512": tok_s, "prefill_512": 10 * tok_s, "peak_rss_mib": rss}
+
+    rounds = [
+        [{"ours": side(ours, 600), "llama": side(theirs, 300)}] for ours, theirs in ((50, 100), (10, 40), (60, 80))
+    ]
+    report = {
+        "machine": {"cpu": "CPU", "cores": 2, "flags": ["avx2"], "torch": "2", "llama_cpp": "0", "date": "today"},
+        "settings": {"model": "m", "threads": 2, "new_tokens": 256, "rounds": 3},
+        "load_average": [(1.0, 1.0, 1.0)],
+        "minutes": 1.0,
+        "answers": {"Q8_0": "Paris."},
+        "pairs": [{"ours": "bfloat16", "llama": "BF16", "threads": 2}],
+        "rounds": rounds,
+    }
+    assert bench_peers.ratio(report, 0, "decode_64") == (60 / 100, 0.5)  # median of 0.5, 0.25, 0.75
+    assert bench_peers.ratio(report, 0, "peak_rss_mib") == (2.0, 2.0)
+    assert "| bfloat16 / BF16, 2 threads | 0.60 (0.50) | 0.60 (0.50) | 0.60 (0.50) | 2.00 (2.00) |" in (
+        bench_peers.render(report)
+    )
