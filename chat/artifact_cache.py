@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -93,6 +94,7 @@ def _torch_version() -> str:
         return "none"
 
 
+@functools.cache  # the installed code does not change while chat runs
 def _exporter_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted(_EXPORTER.glob("*.py")):

@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chat import conversation as storage
@@ -13,6 +14,7 @@ from chat.chatfile import ChatFile
 from chat.conversation import Conversation
 from chat.params import FLAG, LOADED, RECOMMENDED, GenerationParams, model_recommendations
 from chat.session import Session
+from chat.terminal import Style
 
 if TYPE_CHECKING:
     from chat.backends.base import LoadOptions
@@ -63,6 +65,30 @@ def load_options(options: Options, model: str) -> LoadOptions:
         offline=options.offline,
         trust_remote_code=options.trust_remote_code,
     )
+
+
+def prepare_model(options: Options, locate: bool) -> str | None:
+    """In the foreground, before the model loads: find (or download, with progress) a Hub model when `locate`,
+    then export it on first use where auto would run it on transformers. Returns the model's local path when
+    it was located (a Hub snapshot), else None."""
+    from chat.backends.base import LoadOptions
+
+    source = None
+    if locate and not Path(options.model).expanduser().is_dir():
+        from chat.backends.hub import locate_model
+
+        source = str(locate_model(LoadOptions(model=options.model, offline=options.offline)))
+    if options.export:
+        from chat.auto_export import export_if_needed
+
+        style = Style(sys.stderr)
+        model = source or options.model
+
+        def say(text: str) -> None:
+            print(style.note(text), file=sys.stderr, flush=True)
+
+        export_if_needed(load_options(options, model), Path(model).expanduser(), say, progress=sys.stderr.isatty())
+    return source
 
 
 class SessionLoad:

@@ -279,33 +279,8 @@ def show_notes(session: Session) -> None:
         session.notice(note)
 
 
-def prepare_model(options: Options, locate: bool) -> str | None:
-    """In the foreground, before the model loads: find (or download, with progress) a Hub model when `locate`,
-    then export it on first use where auto would run it on transformers. Returns the model's local path when
-    it was located (a Hub snapshot), else None."""
-    from chat.backends.base import LoadOptions
-
-    source = None
-    if locate and not Path(options.model).expanduser().is_dir():
-        from chat.backends.hub import locate_model
-
-        source = str(locate_model(LoadOptions(model=options.model, offline=options.offline)))
-    if options.export:
-        from chat.auto_export import export_if_needed
-        from chat.loading import load_options
-
-        style = Style(sys.stderr)
-        model = source or options.model
-
-        def say(text: str) -> None:
-            print(style.note(text), file=sys.stderr, flush=True)
-
-        export_if_needed(load_options(options, model), Path(model).expanduser(), say, progress=sys.stderr.isatty())
-    return source
-
-
 def run(options: Options) -> int:
-    from chat.loading import SessionLoad, load_session
+    from chat.loading import SessionLoad, load_session, prepare_model
 
     if not options.verbose:
         # Library deprecation chatter (TorchScript, transformers) is for developers, not chat users.

@@ -37,17 +37,16 @@ def load_backend(options: LoadOptions, choice: str = "auto") -> Backend:
         raise UsageError(f"--backend {choice}: use one of {', '.join(CHOICES)}")
     if choice == "transformers":
         return _transformers_only(options)
-    likely, _ = find_artifact(options)
-    if likely is not None:
-        prefetch_hashes(likely)
+    artifact, why = find_artifact(options)
+    if artifact is not None:
+        prefetch_hashes(artifact)
     try:
-        return _load_preferring_torchscript(options, choice)
+        return _load_preferring_torchscript(options, choice, artifact, why)
     finally:
         drop_prefetched()
 
 
-def _load_preferring_torchscript(options: LoadOptions, choice: str) -> Backend:
-    artifact, why = find_artifact(options)
+def _load_preferring_torchscript(options: LoadOptions, choice: str, artifact: Path | None, why: str) -> Backend:
     if choice == "torchscript":
         if artifact is None:
             raise ChatError(f"--backend torchscript: {why}")
