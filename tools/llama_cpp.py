@@ -33,6 +33,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from chat.artifact import sha256_file
+
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is commit 0c1e570 (2026-10-01)
 SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
@@ -97,12 +99,12 @@ def ensure_built(rebuild: bool = False, log=sys.stderr) -> dict[str, Path]:
 def fetch_sources(log) -> None:
     root = cache_dir()
     sdist = root / SDIST
-    if not sdist.is_file() or sha256(sdist) != SDIST_SHA256:
+    if not sdist.is_file() or sha256_file(sdist) != SDIST_SHA256:
         print(f"llama.cpp: fetching {SDIST} ...", file=log, flush=True)
         # pip checks the index's hash; preparing the sdist's metadata costs about a minute.
         pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
         subprocess.run([*pip, f"llama-cpp-python=={VERSION}", "-d", str(root)], check=True)
-        if sha256(sdist) != SDIST_SHA256:
+        if sha256_file(sdist) != SDIST_SHA256:
             raise SystemExit(f"llama_cpp: {sdist} is not the sdist this script pins (sha256 differs)")
     if (source_dir() / "CMakeLists.txt").is_file():
         return
@@ -149,14 +151,6 @@ def convert_deps(log) -> Path:
         subprocess.run(pip, check=True)
         stamp.write_text(json.dumps(CONVERT_DEPS))
     return target
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_key(model: Path) -> str:
