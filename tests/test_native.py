@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,24 @@ def ops():
     return torch.ops.chat
 
 
+@pytest.fixture(scope="module")
+def python_fallback():
+    """The ops as registered where the library is missing, defined beside the compiled ones: the library of
+    torch.ops.chat_fallback, which stays defined while it lives."""
+    return native.fallback_library("chat_fallback")
+
+
+# Each form of the kernels, and (for tests that name it, by indirect parametrization) the Python fallback.
+ALL_FORMS = ["widest", "avx2", "torch", "python"]
+
+
 @pytest.fixture(params=["widest", "avx2", "torch"])
 def kernels(request, ops, monkeypatch):
     """torch.ops.chat on each form of the kernels: the widest this CPU runs (AVX-512 here), AVX2, and torch's
-    own kernels behind the same ops (CPUs with neither). $CHAT_NATIVE_ISA caps the form, read at each call."""
+    own kernels behind the same ops (CPUs with neither). $CHAT_NATIVE_ISA caps the form, read at each call.
+    "python": the fallback's ops instead (python_fallback)."""
+    if request.param == "python":
+        return getattr(torch.ops, request.getfixturevalue("python_fallback").ns)
     if request.param != "widest":
         monkeypatch.setenv("CHAT_NATIVE_ISA", request.param)
     return ops
@@ -51,6 +66,8 @@ def assert_sums_close(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor, r: to
 
 # Shapes with and without tails: rows not a multiple of the 4-row blocks, columns not a multiple of a vector.
 SHAPES = [(3072, 576), (576, 1536), (7, 50), (13, 33), (1, 16), (5, 1)]
+# The gated MLPs' first halves: each op with the activation of its gate, in torch's ops.
+GATES = [("silu_mul_matvec", F.silu), ("gelu_tanh_mul_matvec", partial(F.gelu, approximate="tanh"))]
 
 
 @pytest.mark.parametrize(("rows", "cols"), SHAPES)
@@ -89,7 +106,7 @@ def test_matvec_applies_the_rms_norm_when_given_its_eps_term(kernels, rows, cols
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matvec_applies_a_weighted_rms_norm_as_the_module_does(kernels, dtype):
     """With the norm's weight (the bfloat16 path): weight * (x / hypot(|x|, eps_root) * sqrt(k)), each step
-    rounded to the dtype, as chat/export/model.py's _norm computes it in torch's ops."""
+    rounded to the dtype, as chat.lean.ops.rms_norm computes it in torch's ops."""
     torch.manual_seed(3)
     w, x, weight, eps_root = torch.randn(96, 64), torch.randn(64) * 3, torch.rand(64) + 0.5, 0.2
     w, x, weight = w.to(dtype), x.to(dtype), weight.to(dtype)
@@ -98,24 +115,48 @@ def test_matvec_applies_a_weighted_rms_norm_as_the_module_does(kernels, dtype):
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(kernels.matvec(w, x, eps_root, weight), torch.mv(w, normed), **tolerance)
     gate, up = torch.mv(w, normed).chunk(2)
-    torch.testing.assert_close(kernels.silu_mul_matvec(w, x, eps_root, weight), F.silu(gate) * up, **tolerance)
+    for op, act in GATES:
+        torch.testing.assert_close(getattr(kernels, op)(w, x, eps_root, weight), act(gate) * up, **tolerance)
 
 
+@pytest.mark.parametrize("kernels", ALL_FORMS, indirect=True)
+@pytest.mark.parametrize(("op", "act"), GATES)
 @pytest.mark.parametrize(("rows", "cols"), [(3072, 576), (14, 33)])
-def test_silu_mul_matvec_is_a_gated_mlps_first_half(kernels, rows, cols):
+def test_gated_matvec_is_a_gated_mlps_first_half(kernels, op, act, rows, cols):
+    """float32 within summing order; bfloat16 rounded step by step as torch's ops: gate and up, act(gate),
+    then the product (equal but for values that land near a tie)."""
     torch.manual_seed(rows)
-    w, x = torch.randn(rows, cols) / 8, torch.randn(cols)
+    w, x, kernel = torch.randn(rows, cols) / 8, torch.randn(cols), getattr(kernels, op)
     gate, up = torch.mv(w, x).chunk(2)
-    torch.testing.assert_close(kernels.silu_mul_matvec(w, x), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel(w, x), act(gate) * up, rtol=1e-5, atol=1e-5)
     normed = x / torch.hypot(torch.linalg.vector_norm(x), torch.tensor(0.5))
     gate, up = torch.mv(w, normed).chunk(2)
-    torch.testing.assert_close(kernels.silu_mul_matvec(w, x, 0.5), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel(w, x, 0.5), act(gate) * up, rtol=1e-5, atol=1e-5)
     wb, xb = w.bfloat16(), x.bfloat16()
     gate, up = torch.mv(wb, xb).chunk(2)
-    got = kernels.silu_mul_matvec(wb, xb)
-    assert got.dtype == torch.bfloat16 and (got != F.silu(gate) * up).float().mean() < 0.01
-    with pytest.raises(RuntimeError, match="even number of rows"):
-        kernels.silu_mul_matvec(torch.randn(3, 16), torch.randn(16))
+    got = kernel(wb, xb)
+    assert got.dtype == torch.bfloat16 and (got != act(gate) * up).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("kernels", ALL_FORMS, indirect=True)
+@pytest.mark.parametrize(("op", "act"), GATES)
+def test_gate_activations_are_float32_accurate(kernels, op, act):
+    """The vectorised exp and tanh over both of tanh's branches, its saturation and exp's overflow: gate = x,
+    up = 1 (the last column of w and x), within 4 float32 ulps of act(x) (for gelu also of 0.5 |x|, which
+    1 + tanh loses to cancellation, in torch's float32 as well)."""
+    x = torch.cat([torch.linspace(-60, 60, 2001), torch.logspace(-8, 0, 50), -torch.logspace(-8, 0, 50)])
+    n = x.numel()
+    w = torch.zeros(2 * n, n + 1)
+    w[:n, :n], w[n:, n] = torch.eye(n), 1.0
+    got, exact = getattr(kernels, op)(w, torch.cat([x, torch.ones(1)])), act(x.double())
+    size = exact.abs() + (0.5 * x.double().abs() if op == "gelu_tanh_mul_matvec" else 0.0)
+    assert ((got.double() - exact).abs() <= size * 2**-21).all()
+
+
+@pytest.mark.parametrize("op", [op for op, _ in GATES])
+def test_gated_matvec_needs_an_even_number_of_rows(ops, op):
+    with pytest.raises(RuntimeError, match=f"chat::{op}: w needs an even number of rows"):
+        getattr(ops, op)(torch.randn(3, 16), torch.randn(16))
 
 
 def int8_rows(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,21 +178,22 @@ def test_int8_weights_are_summed_in_float32_then_scaled(kernels, rows, cols):
     assert (kernels.add_matvec(rb, q, xb, scales) != rb + got).sum() == 0  # rounded product, then the add
 
 
+@pytest.mark.parametrize(("op", "act"), GATES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_silu_mul_matvec_and_weighted_norm(kernels, dtype):
+def test_int8_gated_matvec_and_weighted_norm(kernels, op, act, dtype):
     torch.manual_seed(7)
     (q, scales), x, norm_weight = int8_rows(3072, 576), (torch.randn(576) / 16).to(dtype), torch.rand(576).to(dtype)
     gate, up = ((q.double() * scales.double()[:, None]) @ x.double()).chunk(2)
-    exact = F.silu(gate) * up
-    got = kernels.silu_mul_matvec(q, x, None, None, scales)
-    # float32: within summing order; bfloat16: within its rounding of gate, silu(gate) and the product
+    exact = act(gate) * up
+    got = getattr(kernels, op)(q, x, None, None, scales)
+    # float32: within summing order; bfloat16: within its rounding of gate, act(gate) and the product
     bound = exact.abs().max() * (1e-5 if dtype == torch.float32 else 2**-6)
     assert got.dtype == dtype and (got.double() - exact).abs().max() <= bound
     # With a norm: the same as the norm taken first, then the int8 product.
     normed = kernels.matvec(torch.eye(576, dtype=dtype), x, 0.5, norm_weight)
-    torch.testing.assert_close(
-        kernels.matvec(q, x, 0.5, norm_weight, scales), kernels.matvec(q, normed, None, None, scales)
-    )
+    for name in ("matvec", op):
+        kernel = getattr(kernels, name)
+        torch.testing.assert_close(kernel(q, x, 0.5, norm_weight, scales), kernel(q, normed, None, None, scales))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -178,11 +220,13 @@ def test_matvec_on_strided_input_and_other_dtypes_uses_torchs_kernels(ops):
     torch.testing.assert_close(ops.matvec(wd, xd), torch.mv(wd, xd))
 
 
-def reference_cache_attend(qkv, cos, sin, k_cache, v_cache, pos, n):
-    """What chat::cache_attend does, in torch's ops on float64 (caches updated in place)."""
+def reference_cache_attend(qkv, cos, sin, k_cache, v_cache, pos, n, scale=None, softcap=None, sliding_window=None):
+    """What chat::cache_attend does, in torch's ops: RoPE in the caches' dtype, rounded as torch's ops round it
+    (the caches updated in place), then attention in float64 over the keys transformers' masks let the token
+    at n - 1 see: j < n, and with a sliding window W, (n - 1) - j < W."""
     kv_heads, d = k_cache.size(1), k_cache.size(3)
     heads = qkv.numel() // d - 2 * kv_heads
-    q, k, v = qkv.double().split([heads * d, kv_heads * d, kv_heads * d])
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d])
 
     def rope(x, count):
         x = x.reshape(count, d)
@@ -190,55 +234,95 @@ def reference_cache_attend(qkv, cos, sin, k_cache, v_cache, pos, n):
             return x
         rotary, half = cos.numel(), cos.numel() // 2
         r = x[:, :rotary]
-        out = r * cos.double() + torch.cat([r[:, half:], r[:, :half]], 1) * sin.double()
+        out = r * cos + torch.cat([r[:, half:], r[:, :half]], 1) * sin
         return torch.cat([out, x[:, rotary:]], 1)
 
-    k_cache[0, :, pos] = rope(k, kv_heads).to(k_cache.dtype)
-    v_cache[0, :, pos] = v.reshape(kv_heads, d).to(v_cache.dtype)
-    q = rope(q, heads).reshape(1, kv_heads, heads // kv_heads, d)
-    keys, values = k_cache[:, :, :n].double(), v_cache[:, :, :n].double()
-    return F.scaled_dot_product_attention(q, keys, values).reshape(-1)
+    k_cache[0, :, pos] = rope(k, kv_heads)
+    v_cache[0, :, pos] = v.reshape(kv_heads, d)
+    q = rope(q, heads).double().reshape(1, kv_heads, heads // kv_heads, d)
+    scores = q @ k_cache[:, :, :n].double().transpose(2, 3) * (d**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    seen = (n - 1) - torch.arange(n) < (sliding_window or n)
+    return (scores.masked_fill(~seen, -torch.inf).softmax(-1) @ v_cache[:, :, :n].double()).reshape(-1)
 
 
+def check_cache_attend(ops, dtype, heads, kv_heads, head_dim, rotary, pos, *options):
+    """ops.cache_attend at pos against reference_cache_attend; options: scale, softcap, sliding_window, or none
+    (the 7-argument call of graphs traced before them). float32 within summing order, bfloat16 within its
+    rounding of the result; the caches as torch's ops would write them."""
+    torch.manual_seed(pos + heads)
+    qkv = torch.randn((heads + 2 * kv_heads) * head_dim).to(dtype)
+    angles = torch.rand(rotary // 2) * 6
+    cos = torch.cat([angles.cos(), angles.cos()]).to(dtype) if rotary else None
+    sin = torch.cat([-angles.sin(), angles.sin()]).to(dtype) if rotary else None  # the sign folded in, as the tables
+    k_cache, v_cache = torch.randn(2, 1, kv_heads, 1024, head_dim).to(dtype).unbind(0)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    got = ops.cache_attend(qkv, cos, sin, k_cache, v_cache, torch.tensor([pos]), torch.arange(pos + 1), *options)
+    expected = reference_cache_attend(qkv, cos, sin, k_ref, v_ref, pos, pos + 1, *options)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert got.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 2e-6} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 2**-8}
+    torch.testing.assert_close(got.double(), expected, **tolerance)
+
+
+@pytest.mark.parametrize("kernels", ALL_FORMS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos", [0, 5, 62, 63, 64, 199, 1000])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "rotary"), [(9, 3, 64, 64), (2, 2, 16, 16), (4, 1, 128, 64), (14, 2, 32, 0)]
 )
-def test_cache_attend_float32(kernels, pos, heads, kv_heads, head_dim, rotary):
+def test_cache_attend(kernels, dtype, pos, heads, kv_heads, head_dim, rotary):
     """RoPE (whole or partial, or none), the cache write and attention over positions 0..pos, across the
     64-position work items' edges."""
-    torch.manual_seed(pos + heads)
-    qkv = torch.randn((heads + 2 * kv_heads) * head_dim)
-    angles = torch.rand(rotary // 2) * 6
-    cos = torch.cat([angles.cos(), angles.cos()]) if rotary else None
-    sin = torch.cat([-angles.sin(), angles.sin()]) if rotary else None  # the sign folded in, as the tables hold it
-    k_cache, v_cache = torch.randn(2, 1, kv_heads, 1024, head_dim).unbind(0)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    positions, window = torch.tensor([pos]), torch.arange(pos + 1)
-    got = kernels.cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window)
-    expected = reference_cache_attend(qkv, cos, sin, k_ref, v_ref, pos, pos + 1)
-    torch.testing.assert_close(k_cache, k_ref)
-    torch.testing.assert_close(v_cache, v_ref)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=2e-6)
+    check_cache_attend(kernels, dtype, heads, kv_heads, head_dim, rotary, pos)
 
 
-@pytest.mark.parametrize("pos", [4, 64, 300])
-def test_cache_attend_bfloat16_within_rounding(kernels, pos):
-    torch.manual_seed(pos)
-    qkv = torch.randn(15 * 64).bfloat16()
-    angles = torch.rand(32) * 6
-    cos = torch.cat([angles.cos(), angles.cos()]).bfloat16()
-    sin = torch.cat([-angles.sin(), angles.sin()]).bfloat16()
-    k_cache, v_cache = torch.randn(2, 1, 3, 512, 64).bfloat16().unbind(0)
+# (pos, sliding_window): windows of one position, and shorter than, as long as and longer than the filled
+# cache, whose work items' edges count from the window's start.
+WINDOWS = [(0, 1), (130, 1), (5, 4), (63, 64), (64, 64), (64, 65), (199, 100), (300, 129), (40, 4096), (150, None)]
+# (scale, softcap): each alone and both, scores from tanh's polynomial range to its saturation (cap 1, |scores|
+# up to about 100 at scale 4).
+OPTIONS = [(None, None), (0.0625, None), (None, 2.0), (1.0, 5.0), (4.0, 1.0)]
+
+
+@pytest.mark.parametrize("kernels", ALL_FORMS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "rotary"), [(8, 2, 64, 64), (4, 1, 128, 64)])
+@pytest.mark.parametrize(("pos", "sliding_window"), WINDOWS)
+@pytest.mark.parametrize(("scale", "softcap"), OPTIONS)
+def test_cache_attend_with_scale_softcap_and_sliding_window(
+    kernels, dtype, heads, kv_heads, head_dim, rotary, pos, sliding_window, scale, softcap
+):
+    """Gemma's and Granite's own score scale, Gemma 2's soft cap on the scores, and sliding windows."""
+    check_cache_attend(kernels, dtype, heads, kv_heads, head_dim, rotary, pos, scale, softcap, sliding_window)
+
+
+def test_cache_attend_refuses_a_window_or_cap_that_is_not_positive(ops):
+    qkv, k_cache, v_cache = torch.randn(4 * 16), torch.zeros(1, 1, 8, 16), torch.zeros(1, 1, 8, 16)
+    args = (qkv, None, None, k_cache, v_cache, torch.tensor([0]), torch.arange(1))
+    with pytest.raises(RuntimeError, match="softcap must be positive"):
+        ops.cache_attend(*args, None, 0.0)
+    with pytest.raises(RuntimeError, match="sliding_window must be positive"):
+        ops.cache_attend(*args, None, None, 0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TorchScript's, on torch's plans
+def test_graphs_traced_before_the_options_still_run(ops, tmp_path):
+    """A saved graph calls cache_attend with its first 7 arguments (TorchScript leaves out the defaults): the
+    defaults of scale, softcap and sliding_window fill in the rest."""
+
+    class Attend(torch.nn.Module):
+        def forward(self, qkv, k_cache, v_cache, positions, window):
+            return torch.ops.chat.cache_attend(qkv, None, None, k_cache, v_cache, positions, window)
+
+    torch.jit.save(torch.jit.script(Attend()), tmp_path / "attend.pt")
+    loaded = torch.jit.load(str(tmp_path / "attend.pt"))
+    assert "ops.chat.cache_attend(qkv, None, None, k_cache, v_cache, positions, window)" in loaded.code
+    qkv, (k_cache, v_cache) = torch.randn(6 * 32), torch.randn(2, 1, 2, 16, 32).unbind(0)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    got = kernels.cache_attend(qkv, cos, sin, k_cache, v_cache, torch.tensor([pos]), torch.arange(pos + 1))
-    expected = reference_cache_attend(qkv, cos, sin, k_ref, v_ref, pos, pos + 1)
-    assert got.dtype == torch.bfloat16
-    assert (got.double() - expected).abs().max() < 2**-6
-    # The new key rounds as torch's bfloat16 ops would: each product, then the sum.
-    k = qkv[9 * 64 :].reshape(-1, 64)[:3]
-    rotated = k * cos + torch.cat([k[:, 32:], k[:, :32]], 1) * sin
-    assert torch.equal(k_cache[0, :, pos], rotated)
+    got = loaded(qkv, k_cache, v_cache, torch.tensor([9]), torch.arange(10))
+    torch.testing.assert_close(got.double(), reference_cache_attend(qkv, None, None, k_ref, v_ref, 9, 10))
 
 
 def test_cache_attend_on_float16_uses_torchs_ops(ops):
@@ -251,12 +335,12 @@ def test_cache_attend_on_float16_uses_torchs_ops(ops):
 def test_export_calls_the_ops_and_lists_them(llama_artifact, ops):
     manifest = json.loads((llama_artifact / "chat-artifact.json").read_text())
     assert manifest["ops"] == ["chat"]
-    from chat.export.model import quiet_torchscript
+    from chat.lean.ops import quiet_torchscript
 
-    with quiet_torchscript():
-        code = torch.jit.load(str(llama_artifact / "model.ts")).decode.code
+    with quiet_torchscript():  # inlined: the layers' submodules make the calls
+        graph = str(torch.jit.load(str(llama_artifact / "model.ts")).decode.inlined_graph)
     for op in ("matvec", "silu_mul_matvec", "add_matvec", "cache_attend"):
-        assert f"ops.chat.{op}(" in code
+        assert f"chat::{op}(" in graph
 
 
 def run_python(code: str, *args: object, **env: str) -> subprocess.CompletedProcess:

@@ -1,10 +1,11 @@
-"""chat's native CPU kernels (kernels.cpp): the ops of one decoded token's layer, as torch ops.
+"""chat's native CPU kernels (the C++ beside this file): the ops of one decoded token's layer, as torch ops.
 
-torch.ops.chat.matvec (w @ x, optionally of x's RMSNorm), silu_mul_matvec (a gated MLP's first half),
-add_matvec (r + w @ x), cache_attend (RoPE, the cache write and attention for one token) and dequantize
-(int8 weights made whole, for prefill): kernels.cpp says what each does; the matvecs take int8 weights with
-their rows' scales too. CPU artifacts exported where the kernels are built call them at decode; their
-manifest lists "chat" in "ops".
+torch.ops.chat.matvec (w @ x, optionally of x's RMSNorm), silu_mul_matvec and gelu_tanh_mul_matvec (a gated
+MLP's first half, SwiGLU or GeGLU), add_matvec (r + w @ x), cache_attend (RoPE, the cache write and attention
+for one token; optionally with its own score scale, Gemma 2's soft cap on the scores, and a sliding window of
+the last W positions) and dequantize (int8 weights made whole, for prefill): ops.cpp says what each does; the
+matvecs take int8 weights with their rows' scales too. CPU artifacts exported where the kernels are built call
+them at decode; their manifest lists "chat" in "ops".
 
 The kernels are compiled once per machine, torch version and source (about 10 s of g++ against torch's
 headers): by the first chat or export that finds them missing, by `make`, or by `python -m chat.native`. The
@@ -31,10 +32,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chat.errors import ChatError
 
-SOURCE = Path(__file__).with_name("kernels.cpp")
+if TYPE_CHECKING:
+    import torch
+
+# In the order library_name() hashes them; the .cpp files are compiled, the headers included.
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.h", "ops.h", "matvec.cpp", "attention.cpp", "ops.cpp"))
 PACKAGED = Path(__file__).with_name("lib")
 OPS = "chat"  # the torch.ops namespace, as listed in an artifact manifest's "ops"
 
@@ -55,9 +61,12 @@ def library_name() -> str:
     """One file per source, torch version and Python: a library built for another torch is never loaded."""
     import torch
 
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256()
+    for source in SOURCES:  # each named, so that text moved from one file to the next changes the name too
+        digest.update(f"{source.name}\0{source.stat().st_size}\0".encode())
+        digest.update(source.read_bytes())
     tag = f"{torch.__version__}-{sys.implementation.cache_tag}-{platform.machine()}"
-    return f"chat_native-{digest}-{tag.replace('+', '_')}.so"
+    return f"chat_native-{digest.hexdigest()[:12]}-{tag.replace('+', '_')}.so"
 
 
 def cache_dir() -> Path:
@@ -118,7 +127,7 @@ def find_compiler() -> list[str] | None:
 
 
 def build(directory: Path | None = None, force: bool = False) -> Path:
-    """Compile kernels.cpp into `directory` (default: build_dir()) unless it is there (force: even then);
+    """Compile the kernels into `directory` (default: build_dir()) unless it is there (force: even then);
     return the library."""
     directory = Path(directory or build_dir())
     target = directory / library_name()
@@ -168,28 +177,38 @@ def _compile(target: Path) -> None:
     compiler = find_compiler()
     if compiler is None:
         raise NativeBuildError(NO_COMPILER)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    # No contraction into fused multiply-adds: RoPE rounds each product as torch's ops do.
+    flags = ["-O3", "-ffp-contract=off", "-std=c++20", "-fPIC", "-fopenmp", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    flags += [f"-I{path}" for path in include_paths()]
     fd, partial = tempfile.mkstemp(prefix=".chat_native-", suffix=".so", dir=target.parent)
     os.close(fd)
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    command = [
-        *compiler,
-        # No contraction into fused multiply-adds: RoPE rounds each product as torch's ops do.
-        *("-O3", "-ffp-contract=off", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w"),
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-        *(f"-I{path}" for path in include_paths()),
-        str(SOURCE),
-        *(f"-L{path}" for path in library_paths()),
-        *("-lc10", "-ltorch_cpu", "-o", partial),
-    ]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
-            raise NativeBuildError(f"building chat's native kernels failed ({last})")
+        with tempfile.TemporaryDirectory(prefix="chat_native-") as scratch:
+            units = [(source, str(Path(scratch) / f"{source.stem}.o")) for source in SOURCES if source.suffix == ".cpp"]
+            # One g++ per source, all at once: each spends most of its seconds in torch's headers.
+            jobs = [
+                subprocess.Popen([*compiler, *flags, "-c", str(source), "-o", obj], stderr=subprocess.PIPE, text=True)
+                for source, obj in units
+            ]
+            outputs = [(job, job.communicate()[1]) for job in jobs]  # all waited for, failed or not
+            for job, stderr in outputs:
+                _check_step(job.returncode, stderr)
+            libraries = [f"-L{path}" for path in library_paths()]
+            objects = [obj for _, obj in units]
+            command = [*compiler, "-shared", "-fopenmp", *objects, *libraries, "-lc10", "-ltorch_cpu", "-o", partial]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            _check_step(done.returncode, done.stderr)
         os.chmod(partial, 0o755)  # mkstemp's 0600 would hide it from other users (the image's, say)
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
+
+
+def _check_step(returncode: int, stderr: str) -> None:
+    if returncode != 0:
+        last = (stderr.strip().splitlines() or ["no output"])[-1][:200]
+        raise NativeBuildError(f"building chat's native kernels failed ({last})")
 
 
 def load() -> bool:
@@ -197,7 +216,7 @@ def load() -> bool:
 
     A missing library is compiled first where this CPU runs it faster than torch's kernels (about 10 s;
     take_built_note() then says where and how long)."""
-    global _native, _why_not
+    global _native, _why_not, _fallback
     if _native is not None:
         return _native
     import torch
@@ -220,7 +239,7 @@ def load() -> bool:
             path = None
     _native = path is not None
     if not _native:
-        _register_fallback()
+        _fallback = fallback_library(OPS)
     return _native
 
 
@@ -268,13 +287,13 @@ def why_not() -> str:
     return _why_not
 
 
-def _register_fallback() -> None:
-    """The ops on torch's kernels, for artifacts that call them where the library is missing."""
-    global _fallback
+def fallback_library(namespace: str) -> torch.library.Library:
+    """The ops on torch's kernels, for artifacts that call them where the library is missing, defined as
+    torch.ops.<namespace> (load() names OPS; a test, another beside the compiled ones). Keep it alive."""
     import torch
     import torch.nn.functional as F
 
-    from chat.export.model import rotate_half, unit_norm  # the exported module's own steps
+    from chat.lean.ops import rotate_half, unit_norm  # the lean module's own steps
 
     def rms_norm(x: torch.Tensor, eps_root: float | None, weight: torch.Tensor | None) -> torch.Tensor:
         if eps_root is None:
@@ -294,7 +313,13 @@ def _register_fallback() -> None:
         gate, up = matvec(w, x, eps_root, norm_weight, scales).chunk(2)
         return F.silu(gate) * up
 
-    def cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window):  # see kernels.cpp
+    def gelu_tanh_mul_matvec(w, x, eps_root=None, norm_weight=None, scales=None):
+        gate, up = matvec(w, x, eps_root, norm_weight, scales).chunk(2)
+        return F.gelu(gate, approximate="tanh") * up
+
+    def cache_attend(  # see attention.cpp
+        qkv, cos, sin, k_cache, v_cache, positions, window, scale=None, softcap=None, sliding_window=None
+    ):
         kv_heads, d = k_cache.size(1), k_cache.size(3)
         heads = qkv.numel() // d - 2 * kv_heads
         q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d])
@@ -306,16 +331,25 @@ def _register_fallback() -> None:
         k_cache.index_copy_(2, positions, rope(k, kv_heads).reshape(1, kv_heads, 1, d))
         v_cache.index_copy_(2, positions, v.reshape(1, kv_heads, 1, d))
         n = window.size(0)
+        start = max(0, n - sliding_window) if sliding_window else 0
         q = rope(q, heads).reshape(1, kv_heads, heads // kv_heads, d)
-        return F.scaled_dot_product_attention(q, k_cache[:, :, :n], v_cache[:, :, :n]).reshape(-1)
+        keys, values = k_cache[:, :, start:n], v_cache[:, :, start:n]
+        if softcap is None:
+            return F.scaled_dot_product_attention(q, keys, values, scale=scale).reshape(-1)
+        # SDPA takes no soft cap: the scores explicitly, in float32 at least, as the kernels compute them.
+        wide = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.matmul(q.to(wide), keys.to(wide).transpose(2, 3)) * (d**-0.5 if scale is None else scale)
+        scores = torch.tanh(scores / softcap) * softcap
+        return torch.matmul(scores.softmax(-1), values.to(wide)).to(q.dtype).reshape(-1)
 
-    _fallback = torch.library.Library(OPS, "DEF")
+    library = torch.library.Library(namespace, "DEF")
     matvec_schema = (
         "(Tensor w, Tensor x, float? unit_norm=None, Tensor? norm_weight=None, Tensor? scales=None) -> Tensor"
     )
     for name, schema, kernel in (
         ("matvec", matvec_schema, matvec),
         ("silu_mul_matvec", matvec_schema, silu_mul_matvec),
+        ("gelu_tanh_mul_matvec", matvec_schema, gelu_tanh_mul_matvec),
         (
             "add_matvec",
             "(Tensor r, Tensor w, Tensor x, Tensor? scales=None) -> Tensor",
@@ -329,9 +363,10 @@ def _register_fallback() -> None:
         (
             "cache_attend",
             "(Tensor qkv, Tensor? cos, Tensor? sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
-            "Tensor window) -> Tensor",
+            "Tensor window, float? scale=None, float? softcap=None, int? sliding_window=None) -> Tensor",
             cache_attend,
         ),
     ):
-        _fallback.define(name + schema)
-        _fallback.impl(name, kernel, "CompositeExplicitAutograd")
+        library.define(name + schema)
+        library.impl(name, kernel, "CompositeExplicitAutograd")
+    return library
