@@ -38,16 +38,13 @@ AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(ou
 print("saved", sorted(p.name for p in out.iterdir()))
 EOF
 
-step "CUDA tests, and the fused Triton candidate's kernels compiled for real against the exported decode"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_torchscript_backend.py experiments/test_triton_decode.py -k "cuda or triton or fused" -rs 2>&1 | tail -40
+step "CUDA tests (the backend's graphs, the cache growing under them, the new families' CUDA forms)"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_torchscript_backend.py tests/test_families.py -k "cuda" -rs 2>&1 | tail -40
 
 step "export cuda bfloat16 --verify (near ties allowed, see docs/export.md)"
 timeout 180 python3 -m chat.export "$MODEL" "$MODEL/torchscript/cuda-bfloat16" --device=cuda --dtype=bfloat16 --verify \
     || { echo "bf16 verify did not pass; exporting without it for the bench"; \
          python3 -m chat.export "$MODEL" "$MODEL/torchscript/cuda-bfloat16" --device=cuda --dtype=bfloat16; }
-
-step "candidate changes to the decode step, A/B: baseline, fused_residual, triton_fused (experiments/gpu_experiments.py)"
-timeout 300 python3 experiments/gpu_experiments.py "$MODEL"
 
 step "kernels of one decode step (bf16, 64 cached tokens; the work toward 1500 tok/s starts here)"
 timeout 120 python3 tools/profile_decode.py "$MODEL/torchscript/cuda-bfloat16" --context=64 --rows=30
