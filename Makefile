@@ -54,7 +54,7 @@ demo-artifact: $(DEMO_ARTIFACT)/chat-artifact.json
 
 # Re-exported when the exporter or the native kernels change, so a pulled speed-up reaches the demo (export
 # builds the kernels when they are missing).
-$(DEMO_ARTIFACT)/chat-artifact.json: $(DEMO_STAMP) $(wildcard chat/export/*.py) chat/native/kernels.cpp
+$(DEMO_ARTIFACT)/chat-artifact.json: $(DEMO_STAMP) $(wildcard chat/export/*.py chat/lean/*.py) $(wildcard chat/native/*.cpp chat/native/*.h)
 	$(BIN)/python -m chat.export $(DEMO) $(DEMO_ARTIFACT) --dtype=bfloat16
 
 # With a terminal, open the chat; without one (CI, a pipe), answer one question instead of waiting.
@@ -86,13 +86,13 @@ test-torch-next: $(NEXT)/.installed demo-model demo-artifact
 	HF_HUB_OFFLINE=1 $(NEXT)/bin/python -m pytest -q $(NEXT_TESTS)
 
 lint: venv
-	$(BIN)/ruff check chat scripts tests packaging tools experiments
-	$(BIN)/ruff format --check chat scripts tests packaging tools experiments
+	$(BIN)/ruff check chat scripts tests packaging tools
+	$(BIN)/ruff format --check chat scripts tests packaging tools
 	$(BIN)/hadolint --failure-threshold warning Dockerfile Dockerfile.cuda
 
 format: venv
-	$(BIN)/ruff format chat scripts tests packaging tools experiments
-	$(BIN)/ruff check --fix chat scripts tests packaging tools experiments
+	$(BIN)/ruff format chat scripts tests packaging tools
+	$(BIN)/ruff check --fix chat scripts tests packaging tools
 
 bench: demo-model
 	$(BIN)/python tools/bench.py --model=$(DEMO)

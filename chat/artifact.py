@@ -14,32 +14,31 @@ from typing import Any
 
 from chat.errors import ChatError
 from chat.jsonfile import MANIFEST_MAX_BYTES, JSONFileError, NoSuchFile, read_json
+from chat.lean import shape as lean_shape
 
 MANIFEST = "chat-artifact.json"
 FORMAT = "chat-torchscript-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the chat.lean module (its cache inside each layer's attention), the model's own context
 KNOWN_OPS = ("chat",)
 MODEL_FILE = "model.ts"
-# The model types export takes (config.json's model_type), each with the family of module it becomes: mistral
-# and qwen2 are llama-shaped (qwen2 adds q/k/v biases).
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "phi3": "phi3", "gpt2": "gpt2"}
+# The model types export takes (config.json's model_type), each with the family of module it becomes
+# (chat.export.families.TRAITS): mistral and qwen2 are llama-shaped (qwen2 adds q/k/v biases).
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "granite": "granite",
+    "olmo2": "olmo2",
+    "smollm3": "smollm3",
+}
 # Where a model directory keeps its exports: <model_dir>/torchscript/<device>-<dtype>/.
 ARTIFACTS_SUBDIR = "torchscript"
 _HASH_BLOCK = 4 << 20
-# The fields of chat.export.model.Shape (not imported: this module stays free of torch).
-SHAPE_FIELDS = {
-    "family",
-    "vocab_size",
-    "hidden_size",
-    "layers",
-    "heads",
-    "kv_heads",
-    "head_dim",
-    "norm",
-    "norm_eps",
-    "activation",
-    "rotary_dim",
-}
 
 
 class ArtifactError(ChatError):
@@ -113,7 +112,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         and isinstance(manifest["max_len"], int)
         and manifest["max_len"] > 0
         and isinstance(manifest["shape"], dict)
-        and set(manifest["shape"]) == SHAPE_FIELDS
+        and set(manifest["shape"]) == lean_shape.FIELDS
     )
     if not valid or not _valid_shape(manifest["shape"]):
         raise ArtifactError(f"{path} has invalid values (dtype, device, max_len or shape); {fix}")
@@ -143,14 +142,28 @@ def _valid_shape(shape: dict[str, Any]) -> bool:
     def count(value: Any, least: int = 1) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
     sizes = ("vocab_size", "hidden_size", "layers", "heads", "kv_heads", "head_dim")
+    scalars = ("norm_eps", "attn_scale", "attn_softcap", "final_softcap", "embed_scale", "residual_scale")
+    per_layer = ("windows", "rope_tables")
     return (
         all(count(shape[k]) for k in sizes)
         and count(shape["rotary_dim"], 0)
         and shape["heads"] % shape["kv_heads"] == 0
-        and isinstance(shape["norm_eps"], (int, float))
-        and shape["norm"] in ("rms", "layer")
-        and all(isinstance(shape[k], str) for k in ("family", "activation"))
+        and all(number(shape[k]) for k in (*scalars, "logits_divisor"))
+        and shape["logits_divisor"] != 0
+        and shape["norm"] in lean_shape.NORMS
+        and shape["norm_placement"] in lean_shape.PLACEMENTS
+        and shape["activation"] in lean_shape.ACTIVATIONS
+        and shape["mlp"] in lean_shape.MLPS
+        and shape["qk_norm"] in lean_shape.QK_NORMS
+        and isinstance(shape["family"], str)
+        and isinstance(shape["embed_scale_in_dtype"], bool)
+        and all(isinstance(shape[k], list) and len(shape[k]) == shape["layers"] for k in per_layer)
+        and all(count(w, 0) for w in shape["windows"])
+        and all(isinstance(t, int) and t >= -1 for t in shape["rope_tables"])
     )
 
 

@@ -33,7 +33,7 @@ from chat.errors import ChatError, UsageError, file_error
 SOURCE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 FAILED_SUFFIX = ".failed"
-_EXPORTER = Path(__file__).with_name("export")
+_EXPORTER = (Path(__file__).with_name("export"), Path(__file__).with_name("lean"))  # what an export runs
 
 
 def cache_root() -> Path:
@@ -97,7 +97,7 @@ def _torch_version() -> str:
 @functools.cache  # the installed code does not change while chat runs
 def _exporter_digest() -> str:
     digest = hashlib.sha256()
-    for path in sorted(_EXPORTER.glob("*.py")):
+    for path in sorted(p for folder in _EXPORTER for p in folder.glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

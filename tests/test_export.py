@@ -20,8 +20,8 @@ from chat.backends.torchscript_backend import TorchScriptBackend
 from chat.backends.transformers_backend import TransformersBackend
 from chat.errors import ChatError, UsageError
 from chat.export import export
-from chat.export.model import quiet_torchscript
 from chat.generation import ReplyStream
+from chat.lean.ops import quiet_torchscript
 from chat.params import GenerationParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,8 +110,10 @@ def test_int8_export_verifies_on_the_same_rounded_weights_and_chats(request, tmp
     try:
         with quiet_torchscript():
             buffers = dict(torch.jit.load(str(out / "model.ts")).named_buffers())
-        assert buffers["blocks.0.wqkv"].dtype == torch.int8 and buffers["blocks.0.wqkv_scale"].dtype == torch.float32
-        assert buffers["lm_head"].dtype == torch.int8 and buffers["embed"].dtype == getattr(torch, dtype)
+        qkv = "blocks.0.attention.qkv.linear."
+        assert buffers[qkv + "weight"].dtype == torch.int8 and buffers[qkv + "scale"].dtype == torch.float32
+        assert buffers["head.proj.linear.weight"].dtype == torch.int8
+        assert buffers["embedding.weight"].dtype == getattr(torch, dtype)
         assert backend.info.runs_on.startswith(f"{dtype}, int8 weights, native")
         # Freezing at load must not fold prefill's dequantize into float copies of every weight.
         assert str(backend.module.prefill.graph).count("chat::dequantize") >= 4
@@ -165,8 +167,12 @@ def test_rounding_to_int8_is_per_row_and_rounding_twice_changes_nothing():
 
 def test_tied_weights_are_stored_once(tiny_llama, tmp_path):
     out = export(str(tiny_llama), tmp_path / "art", max_len=32)
+    import zipfile
+
     weights = (tiny_llama / "model.safetensors").stat().st_size  # float32, embedding stored once
-    assert (out / "model.ts").stat().st_size < weights * 1.1
+    with zipfile.ZipFile(out / "model.ts") as archive:  # tensors, beside the module's code
+        tensors = sum(item.file_size for item in archive.infolist() if "/data/" in item.filename)
+    assert tensors < weights * 1.1
 
 
 def test_reexport_replaces_and_failure_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
@@ -191,12 +197,16 @@ def test_refusals(tiny_llama, tmp_path):
         export(str(tiny_llama), tmp_path / "busy")
     with pytest.raises(ChatError, match="beyond what this model supports"):
         export(str(tiny_llama), tmp_path / "long", max_len=100_000)
-    other = tmp_path / "mamba"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-    (other / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ChatError, match="'mamba' models to TorchScript is not supported yet"):
-        export(str(other), tmp_path / "out")
+    for model_type, refusal in (
+        ("bloom", "'bloom' models to TorchScript is not supported yet"),
+        ("mamba", "'mamba' models keep recurrent state .* use --backend transformers"),
+    ):
+        other = tmp_path / model_type
+        other.mkdir()
+        (other / "config.json").write_text(json.dumps({"model_type": model_type}))
+        (other / "model.safetensors").write_bytes(b"")
+        with pytest.raises(ChatError, match=refusal):
+            export(str(other), tmp_path / "out")
     with pytest.raises(UsageError, match="--quantize=int4: use int8"):
         export(str(tiny_llama), tmp_path / "out", quantize="int4")
     with pytest.raises(UsageError, match="--quantize int8 is for --device cpu"):
@@ -395,11 +405,12 @@ def test_cuda_forms_give_transformers_logits_on_cpu(request, model):
 
     from chat.export import trace
     from chat.export.families import convert
-    from chat.export.model import LeanLM
+    from chat.lean.model import Forms, build
 
     hf = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(model), dtype=torch.float32).eval()
-    shape, top, layers, rope = convert(hf, 64)
-    module = trace(LeanLM(shape, top, layers, rope, for_cuda=True, transposed=set()).eval(), 64, torch.device("cpu"))
+    shape, top, layers, ropes = convert(hf, 64)
+    lean = build(shape, top, layers, ropes, Forms(cuda=True), torch.float32).eval()
+    module = trace(lean, torch.float32, torch.device("cpu"))
     ids, positions = list(range(5, 16)), torch.arange(64)
     with torch.no_grad():
         expected = hf(torch.tensor([[*ids, 7]])).logits[0]
@@ -410,10 +421,23 @@ def test_cuda_forms_give_transformers_logits_on_cpu(request, model):
     assert torch.allclose(decode, expected[11], atol=1e-4)
 
 
-def test_manifest_shape_fields_match_the_module():
-    import dataclasses
+def test_longrope_context_stops_where_its_factors_change():
+    """Phi-3.5's longrope switches every position to its long factors past original_max_position_embeddings,
+    which a table cannot follow: the context stops there, and a longer --max-len is refused in one line."""
+    from transformers import Phi3Config
 
-    from chat.artifact import SHAPE_FIELDS
-    from chat.export.model import Shape
+    from chat.export.families import context_limit
 
-    assert {f.name for f in dataclasses.fields(Shape)} == SHAPE_FIELDS
+    factors = {"short_factor": [1.0] * 8, "long_factor": [4.0] * 8}
+    config = Phi3Config(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        original_max_position_embeddings=64,
+        rope_scaling={"rope_type": "longrope", **factors},
+    )
+    assert context_limit(config, None) == 64 and context_limit(config, 48) == 48
+    with pytest.raises(ChatError, match=r"\(64 with its longrope RoPE, whose factors change past 64 tokens\)"):
+        context_limit(config, 128)
+    plain = Phi3Config(hidden_size=64, num_attention_heads=4, max_position_embeddings=256)
+    assert context_limit(plain, None) == 256

@@ -195,3 +195,69 @@ def test_cuda_graphs_captured_in_a_load_thread_replay_in_the_main_thread(tiny_ll
         token = (n * 13) % 280 + 3
         a, b = graphed.decode(token).cpu(), plain.decode(token).cpu()
         assert int(a.argmax()) == int(b.argmax()), f"step {n}"
+
+
+@pytest.fixture(scope="module")
+def long_llama(tmp_path_factory):
+    """A tiny llama whose own context is 16384 tokens, exported with the default (the model's) context."""
+    from conftest import build_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = build_model(tmp_path_factory.mktemp("long-llama"), "llama")
+    config = AutoConfig.from_pretrained(source)
+    config.max_position_embeddings = 16384
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(source)
+    return source, export(str(source), tmp_path_factory.mktemp("ts") / "long")
+
+
+def test_the_context_is_the_models_own_and_the_cache_grows_with_the_chat(long_llama):
+    """A ~6000-token prompt runs as transformers runs it; the cache starts small and doubles to fit it."""
+    from transformers import AutoModelForCausalLM
+
+    from chat.backends.torchscript_backend import FIRST_CACHE
+
+    source, artifact = long_llama
+    backend = TorchScriptBackend(artifact)
+    try:
+        assert backend.info.context_length == 16384 and backend.cache_positions == FIRST_CACHE
+        ids = [(7 * i + 3) % 290 + 3 for i in range(6000)]
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            expected = hf.generate(
+                torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0
+            )[0, len(ids) :].tolist()
+            logits = backend.prefill(ids)
+            assert torch.allclose(logits, hf(torch.tensor([ids])).logits[0, -1], atol=1e-4)
+        assert backend.cache_positions == 8192 == getattr(backend.module.blocks, "1").attention.k_cache.size(2)
+        got = []
+        for _ in range(8):
+            got.append(int(logits.argmax()))
+            logits = backend.decode(got[-1])
+        assert got == expected
+    finally:
+        backend.close()
+
+
+def test_decode_across_a_cache_growth_keeps_every_key(long_llama):
+    """Growing mid-reply copies the cached keys: decode steps on each side of the growth equal transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    from chat.backends.torchscript_backend import FIRST_CACHE
+
+    source, artifact = long_llama
+    backend = TorchScriptBackend(artifact)
+    try:
+        ids = [(5 * i + 1) % 290 + 3 for i in range(FIRST_CACHE - 3)]
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            expected = hf.generate(
+                torch.tensor([ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6, pad_token_id=0
+            )[0, len(ids) :].tolist()
+            logits, got = backend.prefill(ids), []
+            for _ in range(6):
+                got.append(int(logits.argmax()))
+                logits = backend.decode(got[-1])
+        assert got == expected and backend.cache_positions == 2 * FIRST_CACHE
+    finally:
+        backend.close()

@@ -131,13 +131,17 @@ def older_than_exporter(artifact: Path) -> bool:
     from chat.artifact import MANIFEST
 
     written = (artifact / MANIFEST).stat().st_mtime
-    sources = [*(REPO / "chat" / "export").glob("*.py"), REPO / "chat" / "native" / "kernels.cpp"]
+    native = REPO / "chat" / "native"
+    sources = [*(REPO / "chat" / "export").glob("*.py"), *(REPO / "chat" / "lean").glob("*.py")]
+    sources += [*native.glob("*.cpp"), *native.glob("*.h")]
     return any(source.stat().st_mtime > written for source in sources)
 
 
-def worker(common: dict, what: str, dtype: str) -> dict:
+def worker(common: dict, what: str, dtype: str, script: str | Path = __file__) -> dict:
+    """Run one measurement in a fresh process: `script --worker=WHAT` with `common` as its options (dtypes: the
+    one dtype), and return the dict it prints on its RESULT line. tools/bench_families.py runs its own script."""
     print(f"measuring {what} {dtype} ...", file=sys.stderr, flush=True)
-    argv = [sys.executable, __file__, f"--worker={what}"]
+    argv = [sys.executable, str(script), f"--worker={what}"]
     argv += [f"--{k.replace('_', '-')}={v}" for k, v in {**common, "dtypes": dtype}.items()]
     done = subprocess.run(argv, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -147,12 +151,9 @@ def worker(common: dict, what: str, dtype: str) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def measure_backend(kind: str, model: str, device: str, dtypes: str, prompts: str, new_tokens: int, repeats: int):
-    import torch
-
+def load_backend(kind: str, model: str, device: str, dtypes: str):
+    """(backend, seconds it took to load): the artifact MODEL/torchscript/DEVICE-DTYPES, or transformers."""
     from chat.backends.base import LoadOptions
-    from chat.generation import ReplyStream
-    from chat.params import GenerationParams
 
     options = LoadOptions(model=model, device=device, dtype=dtypes.partition("-")[0])  # "float32-int8": float32
     started = time.perf_counter()
@@ -166,7 +167,16 @@ def measure_backend(kind: str, model: str, device: str, dtypes: str, prompts: st
 
         backend = TransformersBackend(options)
     sync(device)
-    load_s = time.perf_counter() - started
+    return backend, time.perf_counter() - started
+
+
+def measure_backend(kind: str, model: str, device: str, dtypes: str, prompts: str, new_tokens: int, repeats: int):
+    import torch
+
+    from chat.generation import ReplyStream
+    from chat.params import GenerationParams
+
+    backend, load_s = load_backend(kind, model, device, dtypes)
     text_ids = backend.tokenizer.encode(TEXT * 40, add_special_tokens=False)
     params = GenerationParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0, top_k=0, top_p=1.0)
 
@@ -180,7 +190,13 @@ def measure_backend(kind: str, model: str, device: str, dtypes: str, prompts: st
         return {"ttft_ms": stream.stats.ttft_ms, "decode_tok_s": stream.stats.decode_tok_s, "text": stream.text}
 
     reply(text_ids[:16], 8)  # warm-up
-    result: dict = {"load_s": load_s, "backend": backend.info.name, "device": backend.info.device, "prompts": {}}
+    result: dict = {
+        "load_s": load_s,
+        "backend": backend.info.name,
+        "device": backend.info.device,
+        "runs_on": backend.info.runs_on,
+        "prompts": {},
+    }
     for length in (int(n) for n in prompts.split(",")):
         runs = []
         for r in range(repeats):

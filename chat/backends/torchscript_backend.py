@@ -1,8 +1,9 @@
 """The TorchScript backend: runs an exported artifact (chat.export) with torch and tokenizers only.
 
 No transformers on this path. The module keeps its KV cache inside; this class tracks which tokens the
-cache holds, so a new prompt that extends the previous conversation only runs its new tokens. On CUDA
-the decode step is replayed through CUDA graphs, one per cache-length bucket.
+cache holds, so a new prompt that extends the previous conversation only runs its new tokens, and grows the
+cache as the conversation does (doubling, up to the artifact's context). On CUDA the decode step is replayed
+through CUDA graphs, one per cache-length bucket, captured again when the cache grows.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ from chat.artifact import (
 )
 from chat.backends.base import BackendInfo, LoadOptions, common_prefix
 from chat.errors import ChatError
-from chat.export.model import Shape, allocate_cache, quiet_torchscript
+from chat.lean.cache import allocate_cache, grow_cache
+from chat.lean.ops import quiet_torchscript
+from chat.lean.shape import Shape
 from chat.threads import StartingThreads
 from chat.tokenizer import FastTokenizer
 
 # Prompt tokens per call: on 2 CPU cores a chunk of the demo model takes well under a second, so Ctrl+C
 # (which Python handles between calls) lands quickly; each finished chunk is recorded as cached.
 PREFILL_CHUNK = {"cpu": 512, "cuda": 1024}
-SMALLEST_BUCKET = 128  # CUDA decode attends over a bucket of the cache: 128, 256, ... up to max_len
+SMALLEST_BUCKET = 128  # CUDA decode attends over a bucket of the cache: 128, 256, ... up to its length
+FIRST_CACHE = 1024  # positions the cache starts with; it doubles when a conversation needs more
 
 
 class TorchScriptBackend:
@@ -71,7 +75,8 @@ class TorchScriptBackend:
         self.shape = Shape(**manifest["shape"])
         self.max_len = int(manifest["max_len"])
         self.dtype = getattr(torch, manifest["dtype"])
-        allocate_cache(module, self.shape, self.max_len, self.dtype, device)
+        self.cache_positions = min(self.max_len, FIRST_CACHE)  # how many the KV cache has room for now
+        allocate_cache(module, self.shape, self.cache_positions, self.dtype, device)
         with quiet_torchscript():
             # Weights become constants: no attribute lookups per step (a few % of decode time on CPU).
             # The caches, which the methods write, stay attributes.
@@ -123,6 +128,7 @@ class TorchScriptBackend:
         for start in range(keep, len(ids), self._chunk):
             chunk = ids[start : start + self._chunk]
             end = start + len(chunk)
+            self._make_room(end)
             tokens = torch.tensor(chunk, device=self._device)
             with torch.jit.optimized_execution(False):
                 logits = self.module.prefill(tokens, self._positions[start:end], self._positions[:end])
@@ -135,6 +141,7 @@ class TorchScriptBackend:
         pos = len(self._cached)
         if pos >= self.max_len:
             raise ChatError(f"the context is full ({self.max_len} tokens); start a new conversation")
+        self._make_room(pos + 1)
         if self._graphs:
             logits = self._replay(token, pos)
         else:
@@ -148,15 +155,31 @@ class TorchScriptBackend:
         self._graphs.clear()
         del self.module
 
+    def _make_room(self, end: int) -> None:
+        """Grow the cache, doubling, until positions up to `end` fit; its filled part is kept."""
+        length = self.cache_positions
+        if end <= length:
+            return
+        while length < end:
+            length = min(self.max_len, length * 2)
+        grow_cache(self.module, length, keep=len(self._cached))
+        self.cache_positions = length
+        if self._graphs:  # they replay on the old cache's memory
+            self._graphs.clear()
+            self._capture_graphs()
+
     def _capture_graphs(self) -> None:
-        """One CUDA graph of the decode step per bucket of cache lengths, sharing static inputs and a pool."""
+        """One CUDA graph of the decode step per bucket of cache lengths up to the cache's, sharing static inputs
+        and a pool."""
         self._token = torch.zeros(1, dtype=torch.long, device=self._device)
-        self._pos = torch.zeros(1, dtype=torch.long, device=self._device)
+        # Warming up writes a slot: the next one to fill, which decode overwrites, never a cached token's.
+        self._pos = torch.full((1,), len(self._cached), dtype=torch.long, device=self._device)
+        length = self.cache_positions
         sizes, size = [], SMALLEST_BUCKET
-        while size < self.max_len:
+        while size < length:
             sizes.append(size)
             size *= 2
-        sizes.append(self.max_len)
+        sizes.append(length)
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode(), torch.cuda.device(self._device):
             for size in sizes:
@@ -180,7 +203,7 @@ class TorchScriptBackend:
             if pos < size:
                 graph.replay()
                 return out
-        raise AssertionError("the last bucket is max_len")
+        raise AssertionError("the last bucket is the cache's length, which decode made room for")
 
 
 def _device_for(directory: Path, manifest: dict, options: LoadOptions | None) -> torch.device:

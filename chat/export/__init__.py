@@ -27,7 +27,7 @@ from chat.errors import ChatError, UsageError
 if TYPE_CHECKING:
     import torch
 
-    from chat.export.model import LeanLM
+    from chat.lean.model import LeanLM
 
 COPIED_FILES = (
     "tokenizer.json",
@@ -82,7 +82,9 @@ def export(
         resolve_device,
     )
     from chat.export.families import context_limit, convert, family_of
-    from chat.export.model import LeanLM, allocate_cache, fewest_ops, quiet_torchscript, transposed_weights
+    from chat.lean.cache import allocate_cache
+    from chat.lean.model import build, forms_for
+    from chat.lean.ops import quiet_torchscript
     from chat.threads import StartingThreads
 
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -137,7 +139,7 @@ def export(
         progress("rounding the matmul weights to int8, one scale per row")
         round_model_weights(hf)  # --verify compares with transformers on these same weights
     max_len = context_limit(hf.config, max_len)
-    shape, top, layers, rope = convert(hf, max_len)
+    shape, top, layers, ropes = convert(hf, max_len)
     if quantize:
         top, layers = quantize_weights(top, layers)
 
@@ -152,17 +154,9 @@ def export(
                 converted[id(v)] = v.to(torch_device) if kept else v.to(device=torch_device, dtype=torch_dtype)
         return {k: None if v is None else converted[id(v)] for k, v in weights.items()}
 
-    table = None if rope is None else (rope[0].to(torch_device, torch_dtype), rope[1].to(torch_device, torch_dtype))
-    lean = LeanLM(
-        shape,
-        cast(top),
-        [cast(w) for w in layers],
-        table,
-        for_cuda=torch_device.type == "cuda",
-        transposed=transposed_weights(shape, torch_dtype, torch_device, native_ops),
-        fewest_ops=fewest_ops(torch_dtype, torch_device),
-        native=native_ops,
-    ).eval()
+    tables = [(cos.to(torch_device, torch_dtype), sin.to(torch_device, torch_dtype)) for cos, sin in ropes]
+    forms = forms_for(shape, torch_dtype, torch_device, native_ops)
+    lean = build(shape, cast(top), [cast(w) for w in layers], tables, forms, torch_dtype).eval()
     del top, layers
 
     outdir.parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +164,7 @@ def export(
     work.chmod(0o755)  # mkdtemp makes it private; an artifact is as readable as its model
     try:
         progress("tracing prefill and decode")
-        traced = trace(lean, max_len, torch_device)
+        traced = trace(lean, torch_dtype, torch_device)
         del lean
         progress(f"saving {MODEL_FILE}")
         allocate_cache(traced, shape, 0, torch_dtype, torch_device)  # the file holds weights, not an empty cache
@@ -231,17 +225,19 @@ def _native_kernels(progress: Progress) -> bool:
     return False
 
 
-def trace(lean: LeanLM, max_len: int, device: torch.device) -> torch.jit.ScriptModule:
+def trace(lean: LeanLM, dtype: torch.dtype, device: torch.device) -> torch.jit.ScriptModule:
     """Trace prefill and decode into one module that shares the cache buffers."""
     import torch
 
-    from chat.export.model import quiet_torchscript
+    from chat.lean.cache import allocate_cache
+    from chat.lean.ops import quiet_torchscript
 
-    lean.allocate(max_len)
-    positions = torch.arange(max_len, device=device)
+    length = 32  # the cache is an attribute, not a traced constant: a chat gives it its own length
+    allocate_cache(lean, lean.shape, length, dtype, device)
+    positions = torch.arange(length, device=device)
     ids = torch.arange(3, 10, device=device) % lean.shape.vocab_size
     # Odd sizes, so no traced shape can collide with a constant; CUDA decode traces a bucket wider than the prefix.
-    decode_window = positions[:16] if lean.for_cuda else positions[:6]
+    decode_window = positions[:16] if device.type == "cuda" else positions[:6]
     inputs = {
         "prefill": (ids, positions[3:10], positions[:10]),
         "decode": (ids[:1], positions[5:6], decode_window),

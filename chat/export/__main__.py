@@ -6,14 +6,15 @@ Usage:
 
 Arguments:
   MODEL            a local model directory, a GGUF file or a Hugging Face Hub id (llama, mistral, qwen2,
-                   phi3, gpt2)
+                   qwen3, phi3, gemma2, gemma3_text, granite, olmo2, smollm3, gpt2)
   OUTDIR           where the artifact goes; `chat --model MODEL_DIR` finds it by itself when OUTDIR is
                    MODEL_DIR/torchscript/DEVICE-DTYPE, and `chat --model OUTDIR` runs it from anywhere
 
 Options:
   --device=DEVICE  cpu or cuda: the artifact runs only there [default: cpu]
   --dtype=DTYPE    float32, bfloat16 or float16 [default: float32]
-  --max-len=N      most tokens per conversation (the KV cache size); default: the model's limit, at most 4096
+  --max-len=N      most tokens per conversation; default: the model's own context (a chat's KV cache grows
+                   to it as the conversation does)
   --quantize=KIND  int8: matmul weights as int8 with a scale per row, about half the bytes of bfloat16 and
                    faster decode (CPU only; --verify then compares with transformers on the same int8 weights)
   --verify         compare 32 greedy tokens on a few prompts with transformers; fail on a differing token

@@ -1,17 +1,85 @@
-"""From a transformers model to the lean module's weights, one mapping per architecture family."""
+"""From a transformers model to the lean module's shape and weights: each family's traits as data.
+
+A llama-like family is a row of TRAITS (its norm kind and placement, activation, q/k norms, embedding scale);
+the numbers a config carries (soft-caps, multipliers, windows per layer, RoPE per layer) are read from it by
+the names transformers gives them, the same across families.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from chat.artifact import FAMILIES
 from chat.errors import ChatError
-from chat.export.model import Shape
+from chat.lean.model import RopeTable, Weights
+from chat.lean.shape import Shape
 
-Weights = dict[str, torch.Tensor | None]
+# model_types whose state is recurrent or whose layers are not all attention: the lean module has no form for them.
+RECURRENT = (
+    "qwen3_next",
+    "qwen3_5",
+    "qwen3_5_text",
+    "gemma3n",
+    "gemma3n_text",
+    "lfm2",
+    "granitemoehybrid",
+    "mamba",
+    "falcon_h1",
+    "jamba",
+    "zamba2",
+    "bamba",
+    "recurrent_gemma",
+    "gemma4",
+    "gemma4_text",
+)
+
+
+@dataclass(frozen=True)
+class Traits:
+    norm: str = "rms"
+    placement: str = "pre"  # see chat.lean.shape.PLACEMENTS
+    activation: str = "silu"
+    qk_norm: str = ""
+    embed_root: bool = False  # embeddings times sqrt(hidden), rounded to the model's dtype first (Gemma)
+    capped_attention: bool = False  # attn_logit_softcapping applies (Gemma 2; Gemma 3's config has it, unused)
+    fused: bool = False  # q/k/v and gate/up already one matmul each (Phi-3)
+
+
+TRAITS = {
+    "llama": Traits(),
+    "phi3": Traits(fused=True),
+    "qwen3": Traits(qk_norm="head"),
+    "gemma2": Traits(
+        norm="rms_offset", placement="sandwich", activation="gelu_tanh", embed_root=True, capped_attention=True
+    ),
+    "gemma3": Traits(norm="rms_offset", placement="sandwich", activation="gelu_tanh", qk_norm="head", embed_root=True),
+    "granite": Traits(),
+    "olmo2": Traits(norm="rms_float", placement="post", qk_norm="width"),
+    "smollm3": Traits(),
+}
+# The state_dict names of a layer's norms by placement: before attention, after it, before the MLP, after it.
+NORM_NAMES = {
+    "pre": ("input_layernorm", None, "post_attention_layernorm", None),
+    "sandwich": (
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    ),
+    "post": (None, "post_attention_layernorm", None, "post_feedforward_layernorm"),
+}
+# RoPE whose table depends on the length of the sequence transformers runs: the lean table is exact below it.
+LENGTH_DEPENDENT_ROPE = ("longrope", "dynamic")
 
 
 def family_of(model_type: str) -> str:
+    if model_type in RECURRENT:
+        raise ChatError(
+            f"'{model_type}' models keep recurrent state or mixed layers, which chat's TorchScript core does not "
+            "run; use --backend transformers"
+        )
     if model_type not in FAMILIES:
         raise ChatError(
             f"exporting '{model_type}' models to TorchScript is not supported yet "
@@ -21,46 +89,79 @@ def family_of(model_type: str) -> str:
 
 
 def context_limit(config, max_len: int | None) -> int:
-    """max_len, or the model's own limit (capped at 4096 to keep the cache small); never beyond a sliding window,
-    which the lean module does not implement."""
+    """max_len, or the model's own context. RoPE that changes with the sequence's length (Phi-3.5's longrope,
+    dynamic NTK) is exact only up to original_max_position_embeddings, where the lean table stops."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        limit = min(limit, window)
+    rope_type = _rope_parameters(config).get("rope_type")
+    original = getattr(config, "original_max_position_embeddings", None) or _rope_parameters(config).get(
+        "original_max_position_embeddings"
+    )
+    reason = ""
+    if rope_type in LENGTH_DEPENDENT_ROPE and original and original < limit:
+        limit, reason = original, f" with its {rope_type} RoPE, whose factors change past {original} tokens"
     if max_len is None:
-        return min(limit, 4096)
+        return limit
     if max_len > limit:
-        raise ChatError(f"--max-len={max_len} is beyond what this model supports ({limit}); use at most {limit}")
+        raise ChatError(
+            f"--max-len={max_len} is beyond what this model supports in TorchScript ({limit}{reason}); "
+            f"use at most {limit}, or --backend transformers"
+        )
     return max_len
 
 
-def convert(model, max_len: int) -> tuple[Shape, Weights, list[Weights], tuple[torch.Tensor, torch.Tensor] | None]:
-    """Shape, top-level weights, per-layer weights and the RoPE table (cos, signed sin) of a float32 model."""
+def convert(model, max_len: int) -> tuple[Shape, Weights, list[Weights], list[RopeTable]]:
+    """Shape, top-level weights, per-layer weights and the RoPE tables (cos, signed sin) of a float32 model."""
     config = model.config
     family = family_of(config.model_type)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if family == "gpt2":
         return _gpt2(config, state)
+    traits = TRAITS[family]
+    activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    wanted = {"silu": ("silu",), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_new")}[traits.activation]
+    if activation not in wanted:
+        raise ChatError(f"exporting a {config.model_type} model with activation {activation} is not supported yet")
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = _rope_table(model, max_len)
+    hidden = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    ropes, rope_of_layer = _rope_tables(model, max_len)
+    layer_types = getattr(config, "layer_types", None)
+    sliding = getattr(config, "sliding_window", None) or 0
+    windows = [sliding if t == "sliding_attention" else 0 for t in layer_types] if layer_types else None
+    if windows is None and getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        windows = [config.sliding_window] * config.num_hidden_layers  # Mistral: every layer
+    # A window as long as the context is no window.
+    windows = [w if w < max_len else 0 for w in windows] if windows else []
+    no_rope = getattr(config, "no_rope_layers", None)  # SmolLM3: 1 where a layer uses RoPE
+    if no_rope is not None:
+        rope_of_layer = [table if uses else -1 for table, uses in zip(rope_of_layer, no_rope, strict=True)]
+    scale = getattr(config, "attention_multiplier", None)
+    if getattr(config, "query_pre_attn_scalar", None):
+        scale = config.query_pre_attn_scalar**-0.5
     shape = Shape(
         family=family,
         vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
+        hidden_size=hidden,
         layers=config.num_hidden_layers,
         heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
-        norm="rms",
+        norm=traits.norm,
         norm_eps=config.rms_norm_eps,
-        activation="silu",
-        rotary_dim=rope[0].shape[-1],
+        activation=traits.activation,
+        rotary_dim=ropes[0][0].shape[-1],
+        norm_placement=traits.placement,
+        qk_norm=traits.qk_norm,
+        attn_scale=float(scale or 0.0),
+        attn_softcap=float((traits.capped_attention and getattr(config, "attn_logit_softcapping", None)) or 0.0),
+        final_softcap=float(getattr(config, "final_logit_softcapping", None) or 0.0),
+        embed_scale=hidden**0.5 if traits.embed_root else float(getattr(config, "embedding_multiplier", 1.0)),
+        embed_scale_in_dtype=traits.embed_root,
+        residual_scale=float(getattr(config, "residual_multiplier", 1.0)),
+        logits_divisor=float(getattr(config, "logits_scaling", 1.0)),
+        windows=windows,
+        rope_tables=rope_of_layer,
     )
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ChatError(
-            f"exporting a {config.model_type} model with hidden_act={config.hidden_act} is not supported yet"
-        )
     embed = state["model.embed_tokens.weight"]
     top = {
         "embed": embed,
@@ -69,11 +170,12 @@ def convert(model, max_len: int) -> tuple[Shape, Weights, list[Weights], tuple[t
         "norm_b": None,
         "lm_head": _untied_head(state, embed),
     }
+    before_attn, after_attn, before_mlp, after_mlp = NORM_NAMES[traits.placement]
     layers = []
     for i in range(shape.layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        if family == "phi3":  # already fused: qkv_proj, gate_up_proj (gate first)
+        if traits.fused:  # qkv_proj, gate_up_proj (gate first)
             wqkv, bqkv = state[a + "qkv_proj.weight"], state.get(a + "qkv_proj.bias")
             wup, bup = state[m + "gate_up_proj.weight"], state.get(m + "gate_up_proj.bias")
         else:
@@ -81,21 +183,27 @@ def convert(model, max_len: int) -> tuple[Shape, Weights, list[Weights], tuple[t
             wup, bup = _cat(state, [m + "gate_proj", m + "up_proj"])
         layers.append(
             {
-                "ln1": state[p + "input_layernorm.weight"],
-                "ln1_b": None,
+                "ln1": _weight(state, p, before_attn),
                 "wqkv": wqkv,
                 "bqkv": bqkv,
+                "q_norm": state.get(a + "q_norm.weight") if traits.qk_norm else None,
+                "k_norm": state.get(a + "k_norm.weight") if traits.qk_norm else None,
                 "wo": state[a + "o_proj.weight"],
                 "bo": state.get(a + "o_proj.bias"),
-                "ln2": state[p + "post_attention_layernorm.weight"],
-                "ln2_b": None,
+                "post_attn_norm": _weight(state, p, after_attn),
+                "ln2": _weight(state, p, before_mlp),
                 "wup": wup,
                 "bup": bup,
                 "wdown": state[m + "down_proj.weight"],
                 "bdown": state.get(m + "down_proj.bias"),
+                "post_mlp_norm": _weight(state, p, after_mlp),
             }
         )
-    return shape, top, layers, rope
+    return shape, top, layers, ropes
+
+
+def _weight(state: dict[str, torch.Tensor], prefix: str, name: str | None) -> torch.Tensor | None:
+    return None if name is None else state[f"{prefix}{name}.weight"]
 
 
 def _untied_head(state: dict[str, torch.Tensor], embed: torch.Tensor) -> torch.Tensor | None:
@@ -116,13 +224,26 @@ def _cat(state: dict[str, torch.Tensor], names: list[str]) -> tuple[torch.Tensor
     return weight, torch.cat(parts)
 
 
-def _rope_table(model, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params if isinstance(params, dict) else {}
+
+
+def _rope_tables(model, max_len: int) -> tuple[list[RopeTable], list[int]]:
     """cos and sin for positions 0..max_len-1 from the model's own rotary module (so every RoPE scaling
-    transformers knows is honoured), with the rotate-half sign folded into sin."""
+    transformers knows is honoured), with the rotate-half sign folded into sin; one table per layer type
+    where the module keeps one per type (Gemma 3), and each layer's table."""
     rotary = model.model.rotary_emb
     positions = torch.arange(max_len).unsqueeze(0)
     probe = torch.zeros(1, dtype=torch.float32)
-    cos, sin = rotary(probe, positions)
+    kinds = getattr(rotary, "layer_types", None)
+    if kinds:
+        tables = [_signed(*rotary(probe, positions, kind)) for kind in kinds]
+        return tables, [kinds.index(kind) for kind in model.config.layer_types]
+    return [_signed(*rotary(probe, positions))], [0] * model.config.num_hidden_layers
+
+
+def _signed(cos: torch.Tensor, sin: torch.Tensor) -> RopeTable:
     cos, sin = cos[0].float(), sin[0].float()
     half = sin.shape[-1] // 2
     return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
@@ -145,6 +266,7 @@ def _gpt2(config, state: dict[str, torch.Tensor]):
         norm_eps=config.layer_norm_epsilon,
         activation="gelu_tanh",
         rotary_dim=0,
+        mlp="plain",
     )
     embed = state["transformer.wte.weight"]
     top = {
@@ -174,4 +296,4 @@ def _gpt2(config, state: dict[str, torch.Tensor]):
                 "bdown": state[p + "mlp.c_proj.bias"],
             }
         )
-    return shape, top, layers, None
+    return shape, top, layers, []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from chat.export.model import MATMUL_WEIGHTS, Weights
+from chat.lean.model import MATMUL_WEIGHTS, Weights
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
