@@ -24,30 +24,22 @@ WINDOW = 8  # the sliding window of the Gemma models; every prompt below is long
 MAX_LEN = 128
 SLIDING, FULL = "sliding_attention", "full_attention"
 # Config values on top of TINY_DECODER. Each one makes a family's own semantics change the logits.
+GEMMA = {
+    "hidden_size": 80,
+    "num_hidden_layers": 3,
+    "head_dim": 16,
+    "query_pre_attn_scalar": 24,
+    "sliding_window": WINDOW,
+    "layer_types": [SLIDING, FULL, SLIDING],
+}
 FAMILIES = {
     # q/k/v width 4*32 = 128 against hidden 64; per-head q/k RMSNorm before RoPE
     "qwen3": {"head_dim": 32},
     # hidden 80: sqrt(80) is not a bfloat16 number (unlike sqrt(64)); scaling by query_pre_attn_scalar, not head_dim;
     # sliding and full layers with their own RoPE bases (10k / 1M by default)
-    "gemma3_text": {
-        "hidden_size": 80,
-        "num_hidden_layers": 3,
-        "head_dim": 16,
-        "query_pre_attn_scalar": 24,
-        "sliding_window": WINDOW,
-        "layer_types": [SLIDING, FULL, SLIDING],
-    },
+    "gemma3_text": GEMMA,
     # soft-capping small enough to act on these weights' attention logits (up to about 2) and final logits (about 3)
-    "gemma2": {
-        "hidden_size": 80,
-        "num_hidden_layers": 3,
-        "head_dim": 16,
-        "query_pre_attn_scalar": 24,
-        "sliding_window": WINDOW,
-        "layer_types": [SLIDING, FULL, SLIDING],
-        "attn_logit_softcapping": 1.5,
-        "final_logit_softcapping": 2.0,
-    },
+    "gemma2": {**GEMMA, "attn_logit_softcapping": 1.5, "final_logit_softcapping": 2.0},
     "granite": {
         "embedding_multiplier": 6.0,
         "attention_multiplier": 0.2,
