@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -60,7 +61,9 @@ sys.path.insert(0, str(REPO))
 
 from docopt import docopt  # noqa: E402
 
-import bench  # noqa: E402  (tools/bench.py: its workers, machine info and export check)
+# tools/bench.py: its workers, machine info and export check (by name: a bench/ output folder would make an
+# import statement sort differently from one checkout to another)
+bench = importlib.import_module("bench")
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 FAMILY_MAX_LEN = 1024  # what the families' artifacts hold: prompt and reply fit many times over
