@@ -92,10 +92,9 @@ def context_limit(config, max_len: int | None) -> int:
     """max_len, or the model's own context. RoPE that changes with the sequence's length (Phi-3.5's longrope,
     dynamic NTK) is exact only up to original_max_position_embeddings, where the lean table stops."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    rope_type = _rope_parameters(config).get("rope_type")
-    original = getattr(config, "original_max_position_embeddings", None) or _rope_parameters(config).get(
-        "original_max_position_embeddings"
-    )
+    rope = _rope_parameters(config)
+    rope_type = rope.get("rope_type")
+    original = getattr(config, "original_max_position_embeddings", None) or rope.get("original_max_position_embeddings")
     reason = ""
     if rope_type in LENGTH_DEPENDENT_ROPE and original and original < limit:
         limit, reason = original, f" with its {rope_type} RoPE, whose factors change past {original} tokens"

@@ -294,6 +294,7 @@ def fallback_library(namespace: str) -> torch.library.Library:
     import torch.nn.functional as F
 
     from chat.lean.ops import rotate_half, unit_norm  # the lean module's own steps
+    from chat.lean.ops import softcap as cap
 
     def rms_norm(x: torch.Tensor, eps_root: float | None, weight: torch.Tensor | None) -> torch.Tensor:
         if eps_root is None:
@@ -339,7 +340,7 @@ def fallback_library(namespace: str) -> torch.library.Library:
         # SDPA takes no soft cap: the scores explicitly, in float32 at least, as the kernels compute them.
         wide = torch.promote_types(q.dtype, torch.float32)
         scores = torch.matmul(q.to(wide), keys.to(wide).transpose(2, 3)) * (d**-0.5 if scale is None else scale)
-        scores = torch.tanh(scores / softcap) * softcap
+        scores = cap(scores, softcap)
         return torch.matmul(scores.softmax(-1), values.to(wide)).to(q.dtype).reshape(-1)
 
     library = torch.library.Library(namespace, "DEF")
