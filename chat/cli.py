@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chat import __version__
 from chat import conversation as storage
 from chat.errors import ChatError, UsageError, file_error
+from chat.options import Options
 from chat.params import GenerationParams, parse_value
 from chat.text import readable
 
@@ -28,7 +28,8 @@ Usage:
   chat --version
 
 MODEL is a local model directory, a GGUF file, a TorchScript artifact directory or a Hugging Face Hub id
-such as gpt2. Without one, chat opens the demo model (`make demo` fetches it). A model of a family chat's
+such as gpt2; with --base-url, the id of a model the server serves. Without one, chat opens the demo model
+(`make demo` fetches it), or the server's only model. A model of a family chat's
 native core runs (llama, mistral, qwen2, phi3, gpt2) is exported for it once, on first use, and cached.
 
 Options:
@@ -40,6 +41,12 @@ Options:
   --quantize=KIND              Weights of a model exported on first use: auto, int8 or none
                                [default: auto] (auto: int8 with --dtype auto on a CPU that runs
                                chat's native kernels).
+  --base-url=URL               Chat with a model an OpenAI-compatible server runs (vLLM, SGLang, llama-server,
+                               ollama, transformers serve), e.g. http://127.0.0.1:8000/v1 (default:
+                               $CHAT_BASE_URL, else $OPENAI_BASE_URL).
+  --api-key-file=FILE          The server's API key, read from FILE (default: $CHAT_API_KEY; $OPENAI_API_KEY
+                               only for the server of $OPENAI_BASE_URL).
+  --hide-reasoning             Leave out what a server sends as the model's reasoning (shown dimmed).
   --no-export                  Neither export on first use nor take chat's cached artifacts: run
                                transformers where no artifact of your own is at hand.
   --cache                      List the artifacts exported on first use, with their sizes, and exit.
@@ -94,33 +101,6 @@ CHOICES = {
     "--dtype": ("auto", "float32", "bfloat16", "float16"),
     "--quantize": ("auto", "int8", "none"),
 }
-
-
-@dataclass
-class Options:
-    model: str
-    model_given: bool
-    backend: str
-    device: str
-    dtype: str
-    quantize: str  # auto | int8 | none: the weights of an artifact exported on first use
-    export: bool  # export on first use (--backend auto, unless --no-export)
-    threads: int | None
-    param_changes: dict[str, Any]  # generation parameters given on the command line
-    system: str | None
-    user: str
-    prompt: str | None
-    stream: bool
-    wrap: bool  # break a reply on screen between words
-    context_policy: str
-    save_dir: Path
-    load: Path | None
-    keep_in: Path | None  # where an interactive chat keeps itself after each turn; None: autosave is off
-    list_chats: bool  # --chats: list the kept chats instead of chatting
-    cache: str | None  # --cache: "list"; --cache-remove NAME: NAME
-    trust_remote_code: bool
-    offline: bool
-    verbose: bool
 
 
 def demo_model_dirs() -> list[Path]:
@@ -188,6 +168,8 @@ def parse_args(argv: list[str]) -> Options:
         ("--save-dir", "name a directory"),
         ("--load", "name a file written by !save"),
         ("--cache-remove", "give a name as chat --cache lists it, or all"),
+        ("--base-url", "give the server's URL, like http://127.0.0.1:8000/v1"),
+        ("--api-key-file", "name a file holding the key"),
     ):
         if args[option] is not None and not args[option].strip():
             raise UsageError(f"{option} is empty; {fix}")
@@ -207,8 +189,15 @@ def parse_args(argv: list[str]) -> Options:
     names = [v for v in (args["MODEL"], args["--model"], args["--model_name_or_path"]) if v is not None]
     if len(set(names)) > 1:
         raise UsageError(f"two different models named ({' and '.join(names)}); name one")
+    base_url, url_from = remote_url(args)
+    if base_url is None and not names and load is not None:  # a resumed chat with a server goes back to it
+        origin = storage.origin(load)
+        if isinstance(origin.get("base_url"), str) and isinstance(origin.get("model"), str):
+            base_url, url_from, names = check_url(origin["base_url"], f"{load}'s base_url"), "file", [origin["model"]]
     if names:
         model, model_given = names[0], True
+    elif base_url is not None:
+        model, model_given = "", False  # the one model the server serves
     elif args["--chats"] or args["--cache"] or args["--cache-remove"] is not None:
         model, model_given = "", False  # no model needed to list the chats or the cache
     else:
@@ -244,7 +233,61 @@ def parse_args(argv: list[str]) -> Options:
         trust_remote_code=args["--trust-remote-code"],
         offline=offline,
         verbose=args["--verbose"],
+        base_url=base_url,
+        api_key=api_key(args["--api-key-file"], url_from) if base_url is not None else None,
+        reasoning=not args["--hide-reasoning"],
     )
+
+
+URL_VARIABLES = ("CHAT_BASE_URL", "OPENAI_BASE_URL")
+
+
+def remote_url(args: dict[str, Any]) -> tuple[str | None, str | None]:
+    """The server's base URL and where it came from (the option or an environment variable), or None.
+    A URL from the environment gives way to a --backend that names a local one."""
+    if args["--base-url"] is not None:
+        if args["--backend"] != "auto":
+            raise UsageError(f"--base-url chats with a server's model; --backend {args['--backend']} is for one here")
+        return check_url(args["--base-url"], "--base-url"), "--base-url"
+    if args["--backend"] != "auto":
+        return None, None
+    for variable in URL_VARIABLES:
+        if os.environ.get(variable, "").strip():
+            return check_url(os.environ[variable].strip(), f"${variable}"), variable
+    return None, None
+
+
+def check_url(url: str, given_by: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{given_by} must be an http:// or https:// URL like http://127.0.0.1:8000/v1, not '{url}'")
+    return url.strip().rstrip("/")
+
+
+def api_key(key_file: str | None, url_from: str | None) -> str | None:
+    """The server's key: --api-key-file, else $CHAT_API_KEY, else $OPENAI_API_KEY for $OPENAI_BASE_URL's server
+    (a user's OpenAI key never goes to another host)."""
+    if key_file is not None:
+        path = Path(key_file).expanduser()
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as why:
+            reason = why.strerror if isinstance(why, OSError) and why.strerror else "not text"
+            raise UsageError(f"--api-key-file: cannot read {path} ({reason}); name a file holding the key") from None
+        if not key or "\n" in key:
+            raise UsageError(f"--api-key-file: {path} must hold the key alone, on one line")
+        return key
+    if os.environ.get("CHAT_API_KEY", "").strip():
+        return os.environ["CHAT_API_KEY"].strip()
+    if url_from == "OPENAI_BASE_URL" and os.environ.get("OPENAI_API_KEY", "").strip():
+        return os.environ["OPENAI_API_KEY"].strip()
+    return None
 
 
 def _docopt_problem(argv: list[str], message: str) -> str:
@@ -293,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if options.offline:
             os.environ["HF_HUB_OFFLINE"] = "1"
-        from chat.session import run
+        from chat.app import run
 
         return run(options)
     except ChatError as why:

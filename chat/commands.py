@@ -1,4 +1,5 @@
-"""The `!` commands of the chat. Each takes the session and the rest of the line."""
+"""What a line typed in the chat does: a message to send, or one of the `!` commands (each takes the session and
+the rest of the line)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,12 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from chat import conversation as storage
+from chat.engine import Row
 from chat.errors import ChatError, file_error
 from chat.params import PARSERS, SET, parse_assignments
-
-if TYPE_CHECKING:
-    from chat.backends.base import BackendInfo
-    from chat.session import Session
+from chat.session import Session
 
 
 @dataclass
@@ -50,30 +48,28 @@ def do_set(session: Session, rest: str) -> None:
 
 
 def do_status(session: Session, rest: str) -> None:
-    info = session.backend.info
+    engine = session.engine
     sources = session.param_sources
     params = " ".join(
         f"{k}={v}" + (f" ({sources[k]})" if k in sources else "") for k, v in session.params.as_dict().items()
     )
     history = session.conversation
     dropped = f", {history.context_start} message(s) dropped from context" if history.context_start else ""
+    used = session.context_tokens()
+    limit = engine.context_length
+    tokens = f"{'?' if used is None else used} / {limit if limit is not None else '? (the server does not say)'} tokens"
     rows = [
-        ("model", f"{info.model} ({info.path})" if info.path != info.model else info.model),
-        ("backend", f"{info.name}" + (f" ({info.reason})" if info.reason else "")),
-        ("device", describe_device(info)),
-        ("parameters", params),
-        ("system", history.system if history.system else "(none)"),
-        (
-            "context",
-            f"{session.context_tokens()} / {info.context_length} tokens, {len(history.messages)} messages" + dropped,
-        ),
+        *engine.status(),
+        Row("parameters", params),
+        Row("system", history.system if history.system else "(none)"),
+        Row("context", f"{tokens}, {len(history.messages)} messages" + dropped),
     ]
     stats = session.last_stats
     if stats is not None:
-        rows.append(("last reply", stats.line()))
-    rows.append(("kept in", where_kept(session)))
-    width = max(len(name) for name, _ in rows)
-    session.say("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+        rows.append(Row("last reply", stats.line()))
+    rows.append(Row("kept in", where_kept(session)))
+    width = max(len(row.name) for row in rows)
+    session.say("\n".join(f"{row.name:<{width}}  {row.value}" for row in rows))
 
 
 def where_kept(session: Session) -> str:
@@ -129,7 +125,7 @@ def do_regen(session: Session, rest: str) -> None:
 
 
 def do_edit(session: Session, rest: str) -> None:
-    if not (session.conversational and session.out.isatty()):
+    if not (session.conversational and session.screen.at_terminal()):
         raise ChatError("!edit opens your editor, so it needs a terminal; send the message itself instead")
     from chat.terminal import compose_in_editor
 
@@ -220,8 +216,14 @@ def run_command(session: Session, line: str) -> bool:
     return False
 
 
-def describe_device(info: BackendInfo) -> str:
-    """ "cpu, bfloat16, native AVX-512 kernels, 2 threads (one per CPU)": where and how the model runs."""
-    threads = f", {info.threads} thread" + ("s" if info.threads != 1 else "")
-    threads += f" ({info.threads_reason})" if info.threads_reason else ""
-    return f"{info.device}, {info.runs_on}" + (threads if info.device == "cpu" else "")
+def handle(session: Session, text: str) -> bool:
+    """One line (or block) of input: a command, a message, or nothing; False when it failed (a command's
+    error, or a message that got no reply)."""
+    text = text.strip()
+    if not text:
+        return True
+    if text.startswith("!!"):  # a message that starts with "!"
+        return session.ask(text[1:])
+    if text.startswith("!"):
+        return run_command(session, text)
+    return session.ask(text)

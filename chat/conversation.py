@@ -65,19 +65,29 @@ class Conversation:
         return [self.context_start, *later]
 
 
-def record(conversation: Conversation, params: GenerationParams, model: str, backend: str) -> dict[str, Any]:
-    """The session as saved, but for the time it is saved."""
+def record(conversation: Conversation, params: GenerationParams, origin: dict[str, Any]) -> dict[str, Any]:
+    """The session as saved, but for the time it is saved. origin: what ran it (model, backend, a server's
+    base_url), so --continue can go back to it."""
     return {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "model": model,
-        "backend": backend,
+        **origin,
         "system": conversation.system,
         "parameters": params.as_dict(),
         "created": conversation.created,
         "context_start": conversation.context_start,
         "messages": conversation.messages,
     }
+
+
+def origin(path: Path) -> dict[str, Any]:
+    """What ran a saved chat (model, backend, a server's base_url), as far as the file says; {} for a file
+    that cannot tell (its problems are said when it loads)."""
+    try:
+        data = read_json(path.expanduser(), "a saved chat session", CHAT_MAX_BYTES)
+    except ChatError:
+        return {}
+    return {key: data[key] for key in ("model", "backend", "base_url") if isinstance(data.get(key), str)}
 
 
 def new_session_file(directory: Path) -> Path:

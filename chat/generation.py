@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from chat.backends.base import Backend
+from chat.engine import ReplyStats
 from chat.params import GenerationParams
 from chat.sampling import Sampler
 from chat.signals import Signals
 from chat.threads import ThreadTuner
-
-
-@dataclass
-class ReplyStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    ttft_ms: float = 0.0  # time to first token: prompt processing plus one sample
-    decode_tok_s: float = 0.0  # tokens after the first, per second
-
-    def line(self) -> str:
-        return (
-            f"prompt {self.prompt_tokens} tok, reply {self.new_tokens} tok, "
-            f"first token {self.ttft_ms:.0f} ms, {self.decode_tok_s:.1f} tok/s"
-        )
 
 
 class ReplyStream:
@@ -76,9 +62,9 @@ class ReplyStream:
 
     def _run(self, context: torch.Tensor, used: int, limit: int, started: float) -> Iterator[str]:
         backend, tokenizer = self.backend, self.backend.tokenizer
-        self.signals.prefilling = True
+        self.signals.blocking = True
         logits = backend.prefill(self.prompt_ids)
-        self.signals.prefilling = False
+        self.signals.blocking = False
         ids: list[int] = []
         pending = _Detokenizer(tokenizer)
         body = ""  # all text decoded so far, before stop-string trimming

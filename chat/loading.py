@@ -1,4 +1,5 @@
-"""Loading the model for a session: in the foreground, or in a thread behind the interactive chat's prompt."""
+"""Making the session's engine ready: the model exported on first use, then loaded (or the server reached), in
+the foreground or in a thread behind the interactive chat's prompt."""
 
 from __future__ import annotations
 
@@ -12,30 +13,48 @@ from typing import TYPE_CHECKING
 from chat import conversation as storage
 from chat.chatfile import ChatFile
 from chat.conversation import Conversation
-from chat.params import FLAG, LOADED, RECOMMENDED, GenerationParams, model_recommendations
+from chat.engine import Engine
+from chat.options import Options
+from chat.params import FLAG, LOADED, RECOMMENDED, GenerationParams
+from chat.screen import Screen
 from chat.session import Session
-from chat.terminal import Style
+from chat.source import ModelSource, resolve_model
 
 if TYPE_CHECKING:
     from chat.backends.base import LoadOptions
-    from chat.cli import Options
 
 
-def load_session(options: Options, *, keep: bool, announce: bool = True, source: str | None = None) -> Session:
-    """Load the model and make the session (its notes, e.g. why auto fell back, are for the caller to show).
+def load_engine(options: Options, source: ModelSource) -> Engine:
+    """The engine for the model: a server's (chat.remote), else the model loaded here (chat.local)."""
+    if source.remote:
+        from chat.remote import connect
+
+        assert source.base_url is not None
+        return connect(source.base_url, source.name or None, options.api_key, offline=options.offline)
+    from chat.backends.select import load_backend
+    from chat.local import LocalEngine
+
+    backend = load_backend(load_options(options, source.local), options.backend)
+    backend.info.model = options.model  # the name the user gave, for !status and saved sessions
+    return LocalEngine(backend, options.user)
+
+
+def load_session(options: Options, source: ModelSource | None = None, *, keep: bool, announce: bool = True) -> Session:
+    """Make the engine ready and the session (its notes, e.g. why auto fell back, are for the caller to show).
 
     keep: the chat keeps itself in options.keep_in as it goes (a chat at a terminal, or one resumed with
-    --continue). source: the local directory options.model was resolved to (a Hub snapshot), if that is
-    done already."""
-    from chat.backends.select import load_backend
-
+    --continue). source: the model resolved (chat.source); by default the options' model as named."""
+    source = source or resolve_model(options, locate=False)
     conversation = Conversation(system=options.system)
     if announce and sys.stderr.isatty():
-        print(f"loading {options.model} ...", file=sys.stderr, flush=True)
-    backend = load_backend(load_options(options, source or options.model), options.backend)
-    backend.info.model = options.model  # the name the user gave, for !status and saved sessions
+        print(
+            f"{'connecting to' if source.remote else 'loading'} {options.model or source.base_url} ...",
+            file=sys.stderr,
+            flush=True,
+        )
+    engine = load_engine(options, source)
     # Ours, then what the model recommends, then a resumed chat's, then what the user typed.
-    recommended = model_recommendations(backend.info.path)
+    recommended = engine.recommended()
     params = GenerationParams(**recommended)
     sources = dict.fromkeys(recommended, RECOMMENDED)
     if options.load is not None:  # a resumed session brings its own parameters and history
@@ -49,7 +68,7 @@ def load_session(options: Options, *, keep: bool, announce: bool = True, source:
     chat_file = None
     if keep and options.keep_in is not None:
         chat_file = ChatFile(options.keep_in, owned=options.keep_in == options.load)
-    return Session(backend, options, conversation, params, chat_file=chat_file, param_sources=sources)
+    return Session(engine, options, conversation, params, chat_file=chat_file, param_sources=sources)
 
 
 def load_options(options: Options, model: str) -> LoadOptions:
@@ -67,50 +86,41 @@ def load_options(options: Options, model: str) -> LoadOptions:
     )
 
 
-def prepare_model(options: Options, locate: bool) -> str | None:
-    """In the foreground, before the model loads: find (or download, with progress) a Hub model when `locate`,
-    then export it on first use where auto would run it on transformers. Returns the model's local path when
-    it was located (a Hub snapshot), else None."""
-    from chat.backends.base import LoadOptions
+def export_on_first_use(options: Options, source: ModelSource) -> None:
+    """In the foreground, before the model loads: export it for chat's native core where auto would run it
+    on transformers (chat.auto_export), with progress."""
+    if not options.export or source.remote:
+        return
+    from chat.auto_export import export_if_needed
 
-    source = None
-    if locate and not Path(options.model).expanduser().is_dir():
-        from chat.backends.hub import locate_model
-
-        source = str(locate_model(LoadOptions(model=options.model, offline=options.offline)))
-    if options.export:
-        from chat.auto_export import export_if_needed
-
-        style = Style(sys.stderr)
-        model = source or options.model
-
-        def say(text: str) -> None:
-            print(style.note(text), file=sys.stderr, flush=True)
-
-        export_if_needed(load_options(options, model), Path(model).expanduser(), say, progress=sys.stderr.isatty())
-    return source
+    screen = Screen(sys.stderr, sys.stderr)
+    export_if_needed(
+        load_options(options, source.local),
+        Path(source.local).expanduser(),
+        screen.notice,
+        progress=sys.stderr.isatty(),
+    )
 
 
 class SessionLoad:
-    """The model loading for an interactive chat: in a thread while the person types their first message,
+    """The engine made ready for an interactive chat: in a thread while the person types their first message,
     so the prompt shows at once (loading takes seconds, most of them importing torch and reading weights).
 
-    A Hub model is found (or downloaded, with progress) in the foreground first, and `source` names its
-    local snapshot; --verbose keeps the plain order for debugging. If the load fails, the main thread is
-    interrupted at the prompt (SIGUSR1, like Ctrl+C for readline), so the error shows at once rather than
-    after a message."""
+    A Hub model is found (or downloaded, with progress) in the foreground first (chat.source); --verbose keeps
+    the plain order for debugging. If the load fails, the main thread is interrupted at the prompt (SIGUSR1,
+    like Ctrl+C for readline), so the error shows at once rather than after a message."""
 
-    def __init__(self, options: Options, background: bool, source: str | None = None):
+    def __init__(self, options: Options, background: bool, source: ModelSource | None = None):
         self.options = options
+        self._source = source or resolve_model(options, locate=False)
         self._session: Session | None = None
         self._error: BaseException | None = None
         self._error_raised = False  # by session() or the alert: a late alert then stays quiet
         self._done = threading.Event()
         self._handover = background  # the main thread has yet to take the session over (see session())
         self._alert = background and hasattr(signal, "pthread_kill")  # not on Windows
-        self._source = source
         if not background:
-            self._session = load_session(options, keep=True, source=source)
+            self._session = load_session(options, self._source, keep=True)
             self._done.set()
             return
         if self._alert:
@@ -120,8 +130,8 @@ class SessionLoad:
 
     def _load(self) -> None:
         try:
-            self._session = load_session(self.options, keep=True, announce=False, source=self._source)
-            self._session.warm_up()
+            self._session = load_session(self.options, self._source, keep=True, announce=False)
+            self._session.engine.warm_up(self._session.conversation)
         except BaseException as why:  # handed to the main thread as it is
             self._error = why
         self._done.set()
@@ -148,7 +158,7 @@ class SessionLoad:
 
     def close(self) -> None:
         if self._session is not None:
-            self._session.backend.close()
+            self._session.engine.close()
 
     def session(self, notice: Callable[[str], None]) -> Session:
         """The loaded session, waiting for it (with a notice) if need be; raises what the load raised."""
@@ -161,10 +171,7 @@ class SessionLoad:
         session = self._session
         assert session is not None
         if self._handover:  # each step may be redone if a Ctrl+C cuts in
-            import torch
-
-            # The thread count is per OpenMP thread: the load thread's setting does not reach this one.
-            torch.set_num_threads(session.backend.info.threads)
+            session.engine.settle_thread()
             if self._alert:
                 signal.signal(signal.SIGUSR1, self._previous)
             self._handover = False

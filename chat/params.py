@@ -18,6 +18,7 @@ FLAG = "command line"
 LOADED = "loaded chat"
 SET = "!set"
 RECOMMENDED = "model's generation_config"
+CHOSEN = (FLAG, LOADED, SET)  # the user's own choices: what a remote engine sends
 
 
 @dataclass

@@ -3,8 +3,9 @@
 During a reply a signal only sets a flag that the generation loop reads before each token: the reply stops
 between two tokens on every backend and kernel path (an exception raised inside a TorchScript op would come
 out as a RuntimeError, and could leave a cache half written). A second Ctrl+C while a step is still running,
-or one during the prompt's prefill, interrupts at once. Between replies Ctrl+C is a KeyboardInterrupt as
-usual, and SIGHUP or SIGTERM raise Closed, so the prompt loop can write the chat before leaving.
+or one during a step that may take long (the prompt's prefill, waiting on a server), interrupts at once.
+Between replies Ctrl+C is a KeyboardInterrupt as usual, and SIGHUP or SIGTERM raise Closed, so the prompt
+loop can write the chat before leaving.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Signals:
     def __init__(self) -> None:
         self.stop = False  # the reply being written should end before its next token
         self.closing: int | None = None  # the signal that asked the process to end, once one has
-        self.prefilling = False
+        self.blocking = False  # in a step that may take long (a prefill, a server's answer): Ctrl+C ends it
         self._in_reply = False
         self._installed = False
 
@@ -58,12 +59,12 @@ class Signals:
         try:
             yield
         finally:
-            self._in_reply, self.prefilling = False, False
+            self._in_reply, self.blocking = False, False
             if main:
                 signal.signal(signal.SIGINT, previous)
 
     def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
-        if self.stop or self.prefilling:
+        if self.stop or self.blocking:
             raise KeyboardInterrupt
         self.stop = True
 

@@ -10,7 +10,9 @@ from chat.backends.transformers_backend import TransformersBackend
 from chat.chatfile import ChatFile
 from chat.cli import parse_args
 from chat.conversation import Conversation
+from chat.local import LocalEngine
 from chat.params import GenerationParams
+from chat.screen import Screen
 from chat.session import Session
 
 ARTIFACT_MAX_LEN = 64  # the context of the tiny test artifacts
@@ -41,12 +43,14 @@ def make_session(model: Path, *args: str, keep: bool = False) -> Session:
     params = GenerationParams().replace(**options.param_changes)
     chat_file = ChatFile(options.keep_in) if keep else None
     backend = backend_for(model)
-    return Session(backend, options, conversation, params, out=io.StringIO(), err=io.StringIO(), chat_file=chat_file)
+    engine = LocalEngine(backend, options.user)
+    return Session(engine, options, conversation, params, Screen(io.StringIO(), io.StringIO()), chat_file=chat_file)
 
 
 def output(session: Session) -> tuple[str, str]:
     """What the session wrote to stdout and stderr since the last call."""
-    out, err = session.out.getvalue(), session.err.getvalue()
-    session.out.seek(0), session.out.truncate()
-    session.err.seek(0), session.err.truncate()
+    screen = session.screen
+    out, err = screen.out.getvalue(), screen.err.getvalue()
+    screen.out.seek(0), screen.out.truncate()
+    screen.err.seek(0), screen.err.truncate()
     return out, err

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import make_session, output
 
+from chat.commands import handle
 from chat.jsonfile import CHAT_MAX_BYTES, MAX_DEPTH, JSONFileError, MiB, read_json
 
 DEEP = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"  # a RecursionError for a parser that recurses
@@ -89,7 +90,7 @@ def test_a_bad_chat_loaded_in_a_session_is_one_line_and_changes_nothing(tiny_lla
     assert session.ask("Keep me")
     output(session)
     before = (list(session.conversation.messages), session.conversation.created, session.params)
-    assert not session.handle(f"!load {path}")
+    assert not handle(session, f"!load {path}")
     _, err = output(session)
     assert err.startswith("error: ") and str(path) in err and words in err, err
     assert err.endswith("; nothing was loaded\n")
@@ -102,7 +103,7 @@ def test_a_foreign_chat_may_say_when_it_was_made_in_its_own_way(tiny_llama, tmp_
     path = tmp_path / "other-tool.json"
     path.write_text('{"created": 1700000000, "messages": [{"role": "user", "content": "hi"}]}')
     session = make_session(tiny_llama)
-    assert session.handle(f"!load {path}")
+    assert handle(session, f"!load {path}")
     assert isinstance(session.conversation.created, str) and len(session.conversation.messages) == 1
 
 

@@ -426,7 +426,7 @@ def test_without_a_compiler_export_uses_torchs_ops_and_says_why(tiny_llama, tmp_
 @pytest.mark.parametrize(("cap", "kernels"), [(None, "widest"), ("avx2", "native AVX2"), ("torch", "")])
 def test_status_says_which_kernels_run_the_model(llama_artifact, ops, monkeypatch, cap, kernels):
     from chat.backends.torchscript_backend import TorchScriptBackend
-    from chat.commands import describe_device
+    from chat.local import describe_device
 
     if cap is not None:
         monkeypatch.setenv("CHAT_NATIVE_ISA", cap)

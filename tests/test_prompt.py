@@ -18,10 +18,13 @@ from helpers import ARTIFACT_MAX_LEN, backend_for, make_session, output
 from chat.backends.base import ChatTokenizer, Message
 from chat.backends.torchscript_backend import TorchScriptBackend
 from chat.cli import parse_args
+from chat.commands import handle
 from chat.conversation import Conversation
 from chat.errors import ChatError
+from chat.local import LocalEngine
 from chat.params import GenerationParams
 from chat.prompt import Prompt, build_prompt, encode
+from chat.screen import Screen
 from chat.session import Session
 
 LAST_QUESTION = "how are you today?"  # the last message of chat_history's conversations
@@ -198,9 +201,10 @@ def test_a_reply_is_capped_at_the_room_the_newest_message_leaves(tiny_llama):
 def test_set_max_new_tokens_near_the_context_caps_the_reply(llama_artifact):
     backend = TorchScriptBackend(llama_artifact)
     options = parse_args([str(llama_artifact), "--seed", "0", "--temperature", "1", "--top-k", "0"])
-    session = Session(backend, options, Conversation(), GenerationParams(), out=io.StringIO(), err=io.StringIO())
+    screen = Screen(io.StringIO(), io.StringIO())
+    session = Session(LocalEngine(backend, options.user), options, Conversation(), GenerationParams(), screen)
     try:
-        session.handle(f"!set max_new_tokens={ARTIFACT_MAX_LEN - 4}")
+        handle(session, f"!set max_new_tokens={ARTIFACT_MAX_LEN - 4}")
         assert session.ask("hi")
         _, err = output(session)
         stats = session.last_stats

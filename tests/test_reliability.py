@@ -16,6 +16,8 @@ from helpers import make_session, output
 from test_cli import run_chat
 from test_terminal import PROMPT, quit_with_eof, saved, spawn
 
+from chat.commands import handle
+
 LONG_REPLY = ("--temperature", "0", "--max-new-tokens", "400", "--min-new-tokens", "400")
 
 
@@ -171,16 +173,16 @@ def test_save_never_replaces_a_file_that_is_not_a_chat(tiny_llama, tmp_path):
     link.symlink_to(notes)
     output(session)
     for target in (notes, link):
-        session.handle(f"!save {target}")
+        handle(session, f"!save {target}")
         assert f"exists and is not a chat saved by chat; !save! {notes} replaces it" in output(session)[1]
     assert notes.read_text() == "my notes" and stat.S_IMODE(notes.stat().st_mode) == 0o644
     chat_file = tmp_path / "kept.json"
-    session.handle(f"!save {chat_file}")
+    handle(session, f"!save {chat_file}")
     chat_file.chmod(0o640)
     session.ask("Again")
-    session.handle(f"!save {chat_file}")  # a chat file: replaced, its mode kept
+    handle(session, f"!save {chat_file}")  # a chat file: replaced, its mode kept
     assert stat.S_IMODE(chat_file.stat().st_mode) == 0o640 and len(messages(chat_file)) == 4
-    session.handle(f"!save! {link}")
+    handle(session, f"!save! {link}")
     assert link.is_symlink() and len(messages(notes)) == 4
     assert "saved 4 message(s)" in output(session)[0]
 
@@ -208,9 +210,9 @@ def test_a_refused_piped_message_exits_non_zero(tiny_llama):
 
 def test_system_none_removes_the_system_prompt_and_two_bangs_send_a_message(tiny_llama):
     session = make_session(tiny_llama, "--system", "Be brief.", "--max-new-tokens", "2")
-    session.handle("!system none")
+    handle(session, "!system none")
     assert session.conversation.system is None and "system prompt removed" in output(session)[0]
-    assert session.handle("!!important: read this")
+    assert handle(session, "!!important: read this")
     assert session.conversation.messages[0] == {"role": "user", "content": "!important: read this"}
-    session.handle("!help")
+    handle(session, "!help")
     assert "!!text sends a message that starts with !" in output(session)[0]

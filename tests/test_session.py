@@ -13,7 +13,9 @@ from helpers import make_session, output
 
 from chat.backends.base import LoadOptions, cpu_threads
 from chat.cli import parse_args
+from chat.commands import handle
 from chat.loading import load_session
+from chat.screen import Screen
 
 
 @pytest.fixture
@@ -32,22 +34,22 @@ def test_message_gets_reply_and_history(session):
 
 
 def test_seed_reproduces_and_regen_replaces(session):
-    session.handle("!set seed=5")
+    handle(session, "!set seed=5")
     session.ask("Hello")
     first = session.conversation.messages[-1]["content"]
     assert first
-    session.handle("!regen")
+    handle(session, "!regen")
     assert len(session.conversation.messages) == 2
     assert session.conversation.messages[-1]["content"] != first  # the random sequence went on
-    session.handle("!set seed=5")
-    session.handle("!regen")
+    handle(session, "!set seed=5")
+    handle(session, "!regen")
     assert session.conversation.messages[-1]["content"] == first
 
 
 def test_help_lists_every_command(session):
     from chat.commands import COMMANDS
 
-    session.handle("!help")
+    handle(session, "!help")
     out, _ = output(session)
     for name in COMMANDS:
         assert f"!{name}" in out
@@ -55,18 +57,18 @@ def test_help_lists_every_command(session):
 
 @pytest.mark.parametrize("line", ["!exit", "!quit", "!EXIT", "!Quit"])
 def test_exit_any_case(session, line):
-    session.handle(line)
+    handle(session, line)
     assert not session.running
 
 
 def test_unknown_command_suggests(session):
-    session.handle("!stauts")
+    handle(session, "!stauts")
     _out, err = output(session)
     assert "unknown command !stauts; did you mean !status?" in err and session.running
 
 
 def test_set_changes_and_checks(session):
-    session.handle("!set temperature=0.3 top_k=7 seed=3")
+    handle(session, "!set temperature=0.3 top_k=7 seed=3")
     out, _ = output(session)
     assert "temperature=0.3" in out and session.params.top_k == 7 and session.params.seed == 3
     before = session.params
@@ -79,7 +81,7 @@ def test_set_changes_and_checks(session):
         ("!set top_k=3 temperature=x", "temperature must be"),  # all or nothing
         ("!set min_new_tokens=50 max_new_tokens=10", "is above max_new_tokens"),
     ]:
-        session.handle(bad)
+        handle(session, bad)
         _, err = output(session)
         assert message in err, bad
         assert session.params == before, bad
@@ -88,7 +90,7 @@ def test_set_changes_and_checks(session):
 def test_status_shows_everything(session):
     session.ask("Hello")
     output(session)
-    session.handle("!status")
+    handle(session, "!status")
     out, _ = output(session)
     for word in (
         "model",
@@ -113,9 +115,9 @@ def test_threads_option_sets_torch_threads(request, backend):
     before = torch.get_num_threads()
     try:
         session = load_session(parse_args([str(model), "--threads", "1", "--backend", backend]), keep=False)
-        assert torch.get_num_threads() == 1 and session.backend.info.threads == 1
-        session.out, session.err = io.StringIO(), io.StringIO()
-        session.handle("!status")
+        assert torch.get_num_threads() == 1 and session.engine.info.threads == 1
+        session.screen = Screen(io.StringIO(), io.StringIO())
+        handle(session, "!status")
         out = output(session)[0]
         assert "cpu, float32, " in out and ", 1 thread (--threads)\n" in out
     finally:
@@ -137,7 +139,7 @@ def test_background_load_gives_this_thread_the_threads_asked_for(llama_artifact,
         notices = []
         session = load.session(notices.append)
         # torch's thread count is per OpenMP thread: the load thread's setting alone would leave this one as it was.
-        assert session.backend.info.threads == wanted and torch.get_num_threads() == wanted
+        assert session.engine.info.threads == wanted and torch.get_num_threads() == wanted
         assert not load.loading and notices in ([], ["(loading the model ...)"])
     finally:
         torch.set_num_threads(before)
@@ -151,10 +153,10 @@ def test_background_load_warms_up_and_replies_as_a_cold_load(llama_artifact):
     argv = [str(llama_artifact), "--temperature", "0", "--max-new-tokens", "8", "--system", "Be brief."]
     warm = SessionLoad(parse_args(argv), background=True).session(lambda _: None)
     cold = load_session(parse_args(argv), keep=False)
-    assert warm.backend._cached and not cold.backend._cached
+    assert warm.engine.backend._cached and not cold.engine.backend._cached
     replies = []
     for session in (warm, cold):
-        session.out, session.err = io.StringIO(), io.StringIO()
+        session.screen = Screen(io.StringIO(), io.StringIO())
         assert session.ask("Hello there")
         replies.append(session.conversation.messages[-1]["content"])
     assert replies[0] == replies[1]
@@ -186,48 +188,48 @@ def test_cpu_threads_default(monkeypatch):
 def test_clear_keeps_system(tiny_llama):
     session = make_session(tiny_llama, "--system", "Be brief.", "--max-new-tokens", "4")
     session.ask("Hi")
-    session.handle("!clear")
+    handle(session, "!clear")
     assert session.conversation.messages == [] and session.conversation.system == "Be brief."
 
 
 def test_system_show_and_set(session):
-    session.handle("!system")
+    handle(session, "!system")
     assert "no system prompt" in output(session)[0]
-    session.handle("!system You are a pirate.")
-    session.handle("!system")
+    handle(session, "!system You are a pirate.")
+    handle(session, "!system")
     assert "You are a pirate." in output(session)[0]
     assert session.conversation.in_context()[0] == {"role": "system", "content": "You are a pirate."}
 
 
 def test_undo(session):
-    session.handle("!undo")
+    handle(session, "!undo")
     assert "nothing to undo" in output(session)[0]
     session.ask("One")
     session.ask("Two")
-    session.handle("!undo")
+    handle(session, "!undo")
     assert [m["content"] for m in session.conversation.messages if m["role"] == "user"] == ["One"]
 
 
 def test_regen_that_fails_keeps_message_and_reply(session):
     session.ask("Hello")
     before = list(session.conversation.messages)
-    session.handle("!system " + "word " * 400)  # over the tiny model's 256-token context
-    session.handle("!regen")
+    handle(session, "!system " + "word " * 400)  # over the tiny model's 256-token context
+    handle(session, "!regen")
     assert "shorten it or the system prompt" in output(session)[1]
     assert session.conversation.messages == before
 
 
 def test_regen_without_message(session):
-    session.handle("!regen")
+    handle(session, "!regen")
     assert "nothing to regenerate" in output(session)[0]
 
 
 def test_save_load_round_trip(session, tmp_path, tiny_llama):
-    session.handle("!system Be brief.")
+    handle(session, "!system Be brief.")
     session.ask("Hello")
-    session.handle("!set top_k=9")
+    handle(session, "!set top_k=9")
     path = tmp_path / "sub" / "s.json"
-    session.handle(f"!save {path}")
+    handle(session, f"!save {path}")
     assert "saved 2 message(s)" in output(session)[0]
     data = json.loads(path.read_text())
     assert [set(m) for m in data["messages"]] == [{"role", "content"}] * 2
@@ -237,7 +239,7 @@ def test_save_load_round_trip(session, tmp_path, tiny_llama):
     assert not list(path.parent.glob(".*.tmp"))  # the temporary file was renamed away
 
     other = make_session(tiny_llama)
-    other.handle(f"!load {path}")
+    handle(other, f"!load {path}")
     assert "loaded 2 message(s)" in output(other)[0]
     assert other.conversation.messages == session.conversation.messages
     assert other.conversation.system == "Be brief." and other.params.top_k == 9
@@ -245,7 +247,7 @@ def test_save_load_round_trip(session, tmp_path, tiny_llama):
 
 def test_save_default_dir(tiny_llama, tmp_path):
     session = make_session(tiny_llama, "--save-dir", str(tmp_path / "sessions"))
-    session.handle("!save")
+    handle(session, "!save")
     files = list((tmp_path / "sessions").glob("chat-*.json"))
     assert len(files) == 1 and str(files[0]) in output(session)[0]
 
@@ -268,14 +270,14 @@ def test_a_chat_is_kept_after_each_change_in_a_file_of_its_own(tiny_llama, tmp_p
     session.keep()
     assert [m["role"] for m in json.loads(first.read_text())["messages"]] == ["user", "assistant"]
     written = first.stat().st_mtime_ns
-    session.handle("!status")
+    handle(session, "!status")
     session.keep()
     assert first.stat().st_mtime_ns == written  # no change, no write
-    session.handle("!set temperature=0.3")
+    handle(session, "!set temperature=0.3")
     session.keep()
     assert json.loads(first.read_text())["parameters"]["temperature"] == 0.3
     output(session)
-    session.handle("!clear")
+    handle(session, "!clear")
     assert f"history cleared; {first} is removed" in output(session)[0]
     session.keep()
     assert not first.exists()
@@ -283,17 +285,17 @@ def test_a_chat_is_kept_after_each_change_in_a_file_of_its_own(tiny_llama, tmp_p
     session.keep()
     assert session.chat_file.path == first and json.loads(first.read_text())["messages"][0]["content"] == "second"
     saved = sessions / "saved.json"
-    session.handle(f"!save {saved}")
-    session.handle(f"!load {saved}")
+    handle(session, f"!save {saved}")
+    handle(session, f"!load {saved}")
     session.ask("third")
     session.keep()
     third = session.chat_file.path
     assert third not in (first, saved) and len(json.loads(first.read_text())["messages"]) == 2
     assert [m["content"] for m in json.loads(third.read_text())["messages"]][::2] == ["second", "third"]
     output(session)
-    session.handle("!save")  # without a path: the chat's own file
+    handle(session, "!save")  # without a path: the chat's own file
     assert f"to {third}" in output(session)[0] and len(list(sessions.iterdir())) == 4
-    session.handle("!status")
+    handle(session, "!status")
     assert f"kept in     {third}\n" in output(session)[0]
 
 
@@ -303,7 +305,7 @@ def test_undo_of_the_only_exchange_removes_the_file(tiny_llama, tmp_path):
     session.keep()
     path = session.chat_file.path
     assert path.exists()
-    session.handle("!undo")
+    handle(session, "!undo")
     session.keep()
     assert not path.exists() and list(tmp_path.iterdir()) == []
 
@@ -317,7 +319,7 @@ def test_a_chat_that_cannot_be_kept_says_so_once_retries_and_says_when_it_is_kep
     err = output(session)[1]
     assert "cannot write" in err and "not on disk: chat tries again after the next change" in err
     assert err.count("\n") == 1 and session.unsaved()
-    session.handle("!status")
+    handle(session, "!status")
     assert "kept in     not on disk:" in output(session)[0]
     assert session.ask("Again")
     session.keep()
@@ -331,15 +333,15 @@ def test_a_chat_that_cannot_be_kept_says_so_once_retries_and_says_when_it_is_kep
 def test_save_dir_follows_xdg(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     session = make_session(tiny_llama)
-    session.handle("!save")
+    handle(session, "!save")
     assert len(list((tmp_path / "xdg" / "chat" / "sessions").glob("chat-*.json"))) == 1
 
 
 def test_save_to_directory_or_unwritable(session, tmp_path):
-    session.handle(f"!save {tmp_path}")
+    handle(session, f"!save {tmp_path}")
     assert "is a directory" in output(session)[1]
     (tmp_path / "file").write_text("x")
-    session.handle(f"!save {tmp_path / 'file' / 'below.json'}")
+    handle(session, f"!save {tmp_path / 'file' / 'below.json'}")
     assert "cannot write" in output(session)[1] and session.running
 
 
@@ -368,7 +370,7 @@ def test_load_broken_file_changes_nothing(session, tmp_path, case):
         path.write_text(content)
     session.ask("Keep me")
     before = (list(session.conversation.messages), session.params, session.conversation.system)
-    session.handle(f"!load {path}")
+    handle(session, f"!load {path}")
     _, err = output(session)
     assert message in err and len(err.strip().splitlines()) == 1
     assert (session.conversation.messages, session.params, session.conversation.system) == before
@@ -387,7 +389,7 @@ def test_load_other_tools_messages(session, tmp_path):
             }
         )
     )
-    session.handle(f"!load {path}")
+    handle(session, f"!load {path}")
     assert session.conversation.system == "S"
     assert [m["content"] for m in session.conversation.messages] == ["U", "A"]
 
@@ -396,7 +398,7 @@ def test_text_that_is_not_unicode_is_made_readable(session, tmp_path, tiny_llama
     """Lone surrogates (bytes that are not UTF-8, or JSON's \\udcff) would crash the tokenizer and !save."""
     path = tmp_path / "odd.json"
     path.write_text('{"system": "s\\ud800", "messages": [{"role": "user", "content": "hi \\udcff"}]}')
-    session.handle(f"!load {path}")
+    handle(session, f"!load {path}")
     assert session.conversation.system == "s\ufffd"
     assert session.conversation.messages[0]["content"] == "hi \ufffd"
     assert session.ask("again") and "\ufffd" in session.conversation.messages[0]["content"]
@@ -407,7 +409,7 @@ def test_text_that_is_not_unicode_is_made_readable(session, tmp_path, tiny_llama
 def test_a_path_the_file_system_refuses_costs_one_line(session):
     session.ask("Hello")
     output(session)
-    session.handle("!save " + "b/" * 3000)
+    handle(session, "!save " + "b/" * 3000)
     err = output(session)[1]
     assert err.startswith("error: File name too long: b/b/") and err.count("\n") == 1 and "nothing was changed" in err
     assert session.running and len(session.conversation.messages) == 2
@@ -417,11 +419,11 @@ def test_save_writes_through_a_link_and_never_replaces_a_device_or_pipe(session,
     """The atomic rename must not turn /dev/null (as root) or a pipe into a file, nor a link into a copy."""
     pipe, target, link = tmp_path / "pipe", tmp_path / "real.json", tmp_path / "link.json"
     os.mkfifo(pipe)
-    session.handle(f"!save {pipe}")
+    handle(session, f"!save {pipe}")
     assert "is not a regular file; pick another path" in output(session)[1]
     assert stat.S_ISFIFO(pipe.stat().st_mode)
     link.symlink_to(target)
-    session.handle(f"!save {link}")
+    handle(session, f"!save {link}")
     assert link.is_symlink() and json.loads(target.read_text())["messages"] == []
 
 
@@ -435,12 +437,12 @@ def test_replies_are_labelled_with_the_models_name():
 
 def test_load_needs_path_and_lists_the_chats_kept_last(tiny_llama, tmp_path):
     session = make_session(tiny_llama, "--save-dir", str(tmp_path), "--max-new-tokens", "2", keep=True)
-    session.handle("!load")
+    handle(session, "!load")
     assert "usage: !load PATH" in output(session)[1]
     session.ask("Hello")
     session.keep()
     output(session)
-    session.handle("!load")
+    handle(session, "!load")
     out, err = output(session)
     assert err == "" and out.startswith(f"usage: !load PATH; the chats kept last in {tmp_path}:\n")
     assert f"{session.chat_file.path}  " in out and '2 messages  tiny-llama0  "Hello"' in out
@@ -481,14 +483,14 @@ def test_message_longer_than_context_refused(session):
 
 
 def test_max_new_tokens_bigger_than_context_caps_the_reply(session):
-    session.handle("!set max_new_tokens=1000")
+    handle(session, "!set max_new_tokens=1000")
     assert session.ask("Hi")
     assert "(this reply can be at most" in output(session)[1]
 
 
 def test_plain_transcript_for_model_without_template(tiny_gpt2):
     session = make_session(tiny_gpt2, "--max-new-tokens", "6", "--user", "Ana")
-    assert not session.backend.tokenizer.has_chat_template
+    assert not session.engine.backend.tokenizer.has_chat_template
     session.ask("Hello")
     session.ask("Again")
     from chat.prompt import render_plain

@@ -15,7 +15,7 @@ import pexpect
 import pytest
 from helpers import make_session
 
-from chat.terminal import WordWrap, char_width, printable
+from chat.screen import Screen, WordWrap, char_width, printable
 
 PROMPT = "User: "
 
@@ -418,16 +418,17 @@ def test_a_reply_on_a_terminal_is_wrapped_and_kept_unwrapped(tiny_llama, monkeyp
     the reply as the model wrote it."""
     monkeypatch.setenv("COLUMNS", "30")
     monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("NO_COLOR", "1")  # the label plain, to compare
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
     session = make_session(tiny_llama, "--max-new-tokens", "120", "--temperature", "1", "--top-k", "0")
-    session.out, session.conversational = Terminal(), True
+    session.screen, session.conversational = Screen(Terminal(), session.screen.err), True
     session.ask("Hello")
     reply = session.conversation.messages[-1]["content"]
-    lines = on_screen(session.out.getvalue())
+    lines = on_screen(session.screen.out.getvalue())
     assert max(sum(map(char_width, line)) for line in lines) <= 29
     assert lines[0].startswith(f"{session.label}:") and len(lines) > 3
     shown = "".join("".join(lines).split())

@@ -10,8 +10,10 @@ import torch
 
 from chat.backends.base import BY_ENV, BY_OPTION, BackendInfo, cpu_threads
 from chat.cli import parse_args
-from chat.commands import describe_device
+from chat.commands import handle
 from chat.loading import load_session
+from chat.local import describe_device
+from chat.screen import Screen
 from chat.threads import (
     ONE_PER_CPU,
     CpuTimes,
@@ -200,8 +202,8 @@ def test_status_names_the_thread_count_and_why(llama_artifact, monkeypatch, setu
         count = cpu_threads()
         threads = f"{count} thread{'s' if count != 1 else ''} ({ONE_PER_CPU})"
     session = load_session(parse_args([str(llama_artifact)]), keep=False)
-    session.out = io.StringIO()
-    session.handle("!status")
-    device = next(line for line in session.out.getvalue().splitlines() if line.startswith("device"))
+    session.screen = Screen(io.StringIO(), io.StringIO())
+    handle(session, "!status")
+    device = next(line for line in session.screen.out.getvalue().splitlines() if line.startswith("device"))
     assert device.startswith("device      cpu, float32, ") and device.endswith(f", {threads}")
-    assert session.backend.info.threads == torch.get_num_threads() == int(threads.split()[0])
+    assert session.engine.info.threads == torch.get_num_threads() == int(threads.split()[0])
