@@ -11,7 +11,7 @@ DEMO_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
 # The demo model exported for this CPU: bfloat16 is the fastest here (see docs/performance.md).
 DEMO_ARTIFACT := $(DEMO)/torchscript/cpu-bfloat16
 
-.PHONY: help venv native demo demo-model demo-artifact test test-torch-next lint format bench bundle bundle-test image-test clean llama-cpp bench-peers
+.PHONY: help venv native demo demo-model demo-artifact test serve llama-server test-torch-next lint format bench bundle bundle-test image-test clean llama-cpp bench-peers
 
 help:
 	@echo "make demo    install into .venv, fetch the demo model and chat with it"
@@ -63,8 +63,16 @@ demo: demo-model demo-artifact
 	else $(BIN)/chat $(DEMO) --temperature 0 --prompt "What is the capital of France?"; \
 	echo "(no terminal: run .venv/bin/chat to chat)"; fi
 
-test: demo-model demo-artifact native
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+# The remote-engine tests start real servers: transformers serve (requirements/serve.txt, into .venv) and
+# llama-server (make llama-cpp); CHAT_REQUIRE_SERVERS=1 makes a missing one fail rather than skip.
+test: demo-model demo-artifact native serve llama-cpp
+	HF_HUB_OFFLINE=1 CHAT_REQUIRE_SERVERS=1 $(BIN)/python -m pytest -q
+
+serve: $(VENV)/.serve-installed
+
+$(VENV)/.serve-installed: $(VENV)/.installed requirements/serve.txt
+	$(BIN)/python -m pip install -q -r requirements/serve.txt
+	touch $@
 
 # The next torch, before requirements/torch.txt moves to it: a second venv (PyPI's build, several GB), its own
 # native kernels, and the tests of what touches torch. PIP_CONSTRAINT=/dev/null: a site-wide pip constraint
@@ -112,8 +120,11 @@ clean:
 
 # llama.cpp from the llama-cpp-python sdist, built once (~7 min on 2 idle cores) into ~/.cache/chat/llama.cpp
 # ($CHAT_LLAMA_CPP_DIR overrides) and reused after; prints where llama-bench, llama-quantize, llama-server are.
+# The speed peer of make bench-peers, and a real server for the remote-engine tests.
 llama-cpp: $(VENV)/.installed
 	$(BIN)/python tools/llama_cpp.py
+
+llama-server: llama-cpp
 
 # Alternated rounds against llama.cpp (BF16, Q8_0, F32, one thread); ROUNDS and MINUTES for more rounds.
 ROUNDS ?= 3

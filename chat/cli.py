@@ -75,7 +75,7 @@ Options:
   --load=FILE                  Resume a session saved with !save (kept on in a new file).
   --no-autosave                Keep nothing of this chat on disk but what you !save.
   --trust-remote-code          Allow a model's own Python code to run (off by default).
-  --offline                    Never touch the network (also HF_HUB_OFFLINE=1).
+  --offline                    Never touch the network (also HF_HUB_OFFLINE=1, but for a server elsewhere).
   --verbose                    Print speed after each reply, and tracebacks with errors.
   -h --help                    Show this help.
   --version                    Show the version.
@@ -235,6 +235,7 @@ def parse_args(argv: list[str]) -> Options:
         verbose=args["--verbose"],
         base_url=base_url,
         api_key=api_key(args["--api-key-file"], url_from) if base_url is not None else None,
+        local_only=args["--offline"],
         reasoning=not args["--hide-reasoning"],
     )
 

@@ -30,7 +30,7 @@ def load_engine(options: Options, source: ModelSource) -> Engine:
         from chat.remote import connect
 
         assert source.base_url is not None
-        return connect(source.base_url, source.name or None, options.api_key, offline=options.offline)
+        return connect(source.base_url, source.name or None, options.api_key, offline=options.local_only)
     from chat.backends.select import load_backend
     from chat.local import LocalEngine
 

@@ -35,4 +35,5 @@ class Options:
     verbose: bool
     base_url: str | None = None  # a remote engine's API base (--base-url, $CHAT_BASE_URL, $OPENAI_BASE_URL)
     api_key: str | None = field(default=None, repr=False)  # the remote engine's key: never printed
+    local_only: bool = False  # --offline: a server must be on this machine (HF_HUB_OFFLINE alone allows any)
     reasoning: bool = True  # show a server's reasoning, dimmed (not --hide-reasoning)
