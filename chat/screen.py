@@ -143,7 +143,6 @@ class ReplyOnScreen:
 
     def __init__(self, screen: Screen, label: str | None, stream: bool, reasoning: bool):
         self.screen, self.stream, self.reasoning = screen, stream, reasoning
-        self.text = ""
         out = screen.out
         column = 0
         if label is not None:
@@ -159,7 +158,6 @@ class ReplyOnScreen:
             if self.reasoning and self.stream:
                 print(self.screen.style.note(self.show(piece)), end="", file=self.screen.out, flush=True)
             return
-        self.text += piece
         if self.stream:
             print(self.show(piece), end="", file=self.screen.out, flush=True)
 
@@ -167,7 +165,8 @@ class ReplyOnScreen:
         """The reply failed: end its line, show nothing more of it."""
         print(file=self.screen.out, flush=True)
 
-    def end(self) -> None:
+    def end(self, text: str) -> None:
+        """The reply is done: without streaming, its whole text (the reply's own, reasoning left out) goes now."""
         if not self.stream:
-            print(self.show(self.text), end="", file=self.screen.out)
+            print(self.show(text), end="", file=self.screen.out)
         print(file=self.screen.out, flush=True)

@@ -166,7 +166,7 @@ class Session:
                     traceback.print_exc(file=self.screen.err)
                 return False
             reply.finish = "interrupted"
-        shown.end()
+        shown.end(reply.text)
         if reply.error is not None and not reply.text:
             self.error(reply.error)
             return False

@@ -295,34 +295,30 @@ def body_params(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in ("model", "messages", "stream", "stream_options")}
 
 
+# What vLLM and SGLang are sent when the user set every parameter: each under its own name.
+EVERY_PARAMETER = {
+    "max_tokens": 64,
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "seed": 7,
+    "top_k": 20,
+    "repetition_penalty": 1.1,
+    "min_tokens": 2,
+}
+
+
 @pytest.mark.parametrize(
     ("owned_by", "sent", "notices", "dropped"),
     [
         (
             "vllm",
-            {
-                "max_tokens": 64,
-                "temperature": 0.5,
-                "top_p": 0.9,
-                "seed": 7,
-                "top_k": 20,
-                "repetition_penalty": 1.1,
-                "min_tokens": 2,
-            },
+            EVERY_PARAMETER,
             [],
             None,
         ),
         (
             "sglang",
-            {
-                "max_tokens": 64,
-                "temperature": 0.5,
-                "top_p": 0.9,
-                "seed": 7,
-                "top_k": 20,
-                "repetition_penalty": 1.1,
-                "min_tokens": 2,
-            },
+            EVERY_PARAMETER,
             [],
             None,
         ),
