@@ -4,8 +4,8 @@
 // At one token a decode step is a stream of weights through matrix-vector products. torch's own kernels
 // for these run below the memory's pace on AVX-512 machines: in bfloat16 at about 15 GB/s, where these
 // reach 22 (vdpbf16ps multiplies pairs of bfloat16 into float32 sums), and in float32 at about 24, where
-// these reach 26-28. Each thread takes blocks of four rows, keeps their four sums in registers and reads x
-// once per block. Each kernel comes in AVX-512 and AVX2 forms, picked by the CPU at run time (bfloat16 takes
+// these reach 26-28. Each thread takes a run of adjacent rows and reads them in address order (matvec.cpp says
+// why). Each kernel comes in AVX-512 and AVX2 forms, picked by the CPU at run time (bfloat16 takes
 // the AVX2 form on AVX-512 CPUs without its bfloat16 part); CPUs with neither get torch's own kernels.
 // $CHAT_NATIVE_ISA=avx2 (or torch) caps the choice, to test or compare the narrower forms on a wider CPU.
 //

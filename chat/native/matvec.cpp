@@ -20,22 +20,18 @@
 namespace chat_native {
 namespace {
 
-constexpr int64_t kRows = 4;
-// Blocks per thread chunk at least: 16 blocks of bfloat16 rows of 576 are 74 KB of weights.
-constexpr int64_t kGrain = 16;
-
+// Rows per thread chunk at least: 64 bfloat16 rows of 576 are 74 KB of weights.
+constexpr int64_t kGrain = 64;
 
 CHAT_AVX512_BF16 inline __m512bh load(const at::BFloat16* p) { return (__m512bh)_mm512_loadu_si512(p); }
 CHAT_AVX512_BF16 inline __m512bh load_tail(__mmask32 mask, const at::BFloat16* p) {
   return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
 }
 
-// The hardware prefetcher ramps up on each short row anew; asking for the next block's rows at the same
-// column keeps the weight stream at the memory's pace (bfloat16 rows of 576 are 1.2 KB: +15-30% there).
-template <typename T>
-inline void prefetch_next_block(const T* block, int64_t k, int64_t c) {
-  for (int64_t j = kRows; j < 2 * kRows; ++j) _mm_prefetch(reinterpret_cast<const char*>(block + j * k + c), _MM_HINT_T0);
-}
+// The kernels below take one row after another, so that the weights stream in address order: the hardware
+// prefetcher follows one stream at the memory's pace, where four rows read side by side (four streams a row
+// apart, each ramping up anew at every row) ran at less than half of it on AMD's Zen 4. Each row has two to
+// four sums in flight, so that the multiply-adds do not wait on each other.
 
 // Rows [first, last) of w (row stride k) times x; store(row, float32 sum) writes each result.
 template <typename Store>
@@ -43,125 +39,55 @@ CHAT_AVX512_BF16 void dot_rows_bf16(
     const at::BFloat16* w, const at::BFloat16* x, int64_t first, int64_t last, int64_t k, const Store& store) {
   const int64_t tail = k % 32;
   const __mmask32 tail_mask = static_cast<__mmask32>((uint64_t{1} << tail) - 1);
-  int64_t r = first;
-  for (; r + kRows <= last; r += kRows) {
+  for (int64_t r = first; r < last; ++r) {
     const at::BFloat16* row = w + r * k;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
     int64_t c = 0;
-    for (; c + 32 <= k; c += 32) {
-      prefetch_next_block(row, k, c);
-      const __m512bh xv = load(x + c);
-      s0 = _mm512_dpbf16_ps(s0, load(row + c), xv);
-      s1 = _mm512_dpbf16_ps(s1, load(row + k + c), xv);
-      s2 = _mm512_dpbf16_ps(s2, load(row + 2 * k + c), xv);
-      s3 = _mm512_dpbf16_ps(s3, load(row + 3 * k + c), xv);
+    for (; c + 64 <= k; c += 64) {
+      s0 = _mm512_dpbf16_ps(s0, load(row + c), load(x + c));
+      s1 = _mm512_dpbf16_ps(s1, load(row + c + 32), load(x + c + 32));
     }
-    if (tail) {
-      const __m512bh xv = load_tail(tail_mask, x + c);
-      s0 = _mm512_dpbf16_ps(s0, load_tail(tail_mask, row + c), xv);
-      s1 = _mm512_dpbf16_ps(s1, load_tail(tail_mask, row + k + c), xv);
-      s2 = _mm512_dpbf16_ps(s2, load_tail(tail_mask, row + 2 * k + c), xv);
-      s3 = _mm512_dpbf16_ps(s3, load_tail(tail_mask, row + 3 * k + c), xv);
+    if (c + 32 <= k) {
+      s0 = _mm512_dpbf16_ps(s0, load(row + c), load(x + c));
+      c += 32;
     }
-    store(r, _mm512_reduce_add_ps(s0));
-    store(r + 1, _mm512_reduce_add_ps(s1));
-    store(r + 2, _mm512_reduce_add_ps(s2));
-    store(r + 3, _mm512_reduce_add_ps(s3));
-  }
-  for (; r < last; ++r) {
-    const at::BFloat16* row = w + r * k;
-    __m512 s = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + 32 <= k; c += 32) s = _mm512_dpbf16_ps(s, load(row + c), load(x + c));
-    if (tail) s = _mm512_dpbf16_ps(s, load_tail(tail_mask, row + c), load_tail(tail_mask, x + c));
-    store(r, _mm512_reduce_add_ps(s));
+    if (tail) s1 = _mm512_dpbf16_ps(s1, load_tail(tail_mask, row + c), load_tail(tail_mask, x + c));
+    store(r, _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)));
   }
 }
 
 // dot_rows_bf16 for float32 x and weights of float32 or int8 (the int8 sums not yet scaled).
 template <typename W, typename Store>
 CHAT_AVX512 void dot_rows_wide(const W* w, const float* x, int64_t first, int64_t last, int64_t k, const Store& store) {
-  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line: one prefetch each
   const int64_t tail = k % 16;
   const __mmask16 tail_mask = static_cast<__mmask16>((1u << tail) - 1);
-  int64_t r = first;
-  for (; r + kRows <= last; r += kRows) {
+  for (int64_t r = first; r < last; ++r) {
     const W* row = w + r * k;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     int64_t c = 0;
-    for (; c + 16 <= k; c += 16) {
-      if (c % kLine == 0) {
-        prefetch_next_block(row, k, c);
-        // int8 rows hold twice the weights per byte of bfloat16, so fewer bytes are in flight at a time; asking
-        // for the block after next too keeps them coming (+9% decode, +20% on a cold matvec stream, here).
-        if constexpr (sizeof(W) == 1) prefetch_next_block(row + kRows * k, k, c);
-      }
-      const __m512 xv = _mm512_loadu_ps(x + c);
-      s0 = _mm512_fmadd_ps(load16(row + c), xv, s0);
-      s1 = _mm512_fmadd_ps(load16(row + k + c), xv, s1);
-      s2 = _mm512_fmadd_ps(load16(row + 2 * k + c), xv, s2);
-      s3 = _mm512_fmadd_ps(load16(row + 3 * k + c), xv, s3);
+    for (; c + 64 <= k; c += 64) {
+      for (int j = 0; j < 4; ++j) s[j] = _mm512_fmadd_ps(load16(row + c + 16 * j), _mm512_loadu_ps(x + c + 16 * j), s[j]);
     }
-    if (tail) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail_mask, x + c);
-      s0 = _mm512_fmadd_ps(load16_tail(tail_mask, row + c), xv, s0);
-      s1 = _mm512_fmadd_ps(load16_tail(tail_mask, row + k + c), xv, s1);
-      s2 = _mm512_fmadd_ps(load16_tail(tail_mask, row + 2 * k + c), xv, s2);
-      s3 = _mm512_fmadd_ps(load16_tail(tail_mask, row + 3 * k + c), xv, s3);
-    }
-    store(r, _mm512_reduce_add_ps(s0));
-    store(r + 1, _mm512_reduce_add_ps(s1));
-    store(r + 2, _mm512_reduce_add_ps(s2));
-    store(r + 3, _mm512_reduce_add_ps(s3));
-  }
-  for (; r < last; ++r) {
-    const W* row = w + r * k;
-    __m512 s = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + 16 <= k; c += 16) s = _mm512_fmadd_ps(load16(row + c), _mm512_loadu_ps(x + c), s);
-    if (tail) s = _mm512_fmadd_ps(load16_tail(tail_mask, row + c), _mm512_maskz_loadu_ps(tail_mask, x + c), s);
-    store(r, _mm512_reduce_add_ps(s));
+    for (int j = 0; c + 16 <= k; c += 16, ++j) s[j] = _mm512_fmadd_ps(load16(row + c), _mm512_loadu_ps(x + c), s[j]);
+    if (tail) s[3] = _mm512_fmadd_ps(load16_tail(tail_mask, row + c), _mm512_maskz_loadu_ps(tail_mask, x + c), s[3]);
+    store(r, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), _mm512_add_ps(s[2], s[3]))));
   }
 }
 
 // dot_rows_wide and dot_rows_bf16 in AVX2: weights T of float32, bfloat16 or int8, x of float32 or bfloat16.
 template <typename T, typename X, typename Store>
 CHAT_AVX2 void dot_rows_avx2(const T* w, const X* x, int64_t first, int64_t last, int64_t k, const Store& store) {
-  constexpr int64_t kLine = 64 / sizeof(T);  // weights per cache line: one prefetch each
   const int64_t tail = k % 8, body = k - tail;
-  int64_t r = first;
-  for (; r + kRows <= last; r += kRows) {
+  for (int64_t r = first; r < last; ++r) {
     const T* row = w + r * k;
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int64_t c = 0; c < body; c += 8) {
-      if (c % kLine == 0) {
-        prefetch_next_block(row, k, c);
-        if constexpr (sizeof(T) == 1) prefetch_next_block(row + kRows * k, k, c);  // as dot_rows_wide
-      }
-      const __m256 xv = load8(x + c);
-      s0 = _mm256_fmadd_ps(load8(row + c), xv, s0);
-      s1 = _mm256_fmadd_ps(load8(row + k + c), xv, s1);
-      s2 = _mm256_fmadd_ps(load8(row + 2 * k + c), xv, s2);
-      s3 = _mm256_fmadd_ps(load8(row + 3 * k + c), xv, s3);
+    __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t c = 0;
+    for (; c + 32 <= body; c += 32) {
+      for (int j = 0; j < 4; ++j) s[j] = _mm256_fmadd_ps(load8(row + c + 8 * j), load8(x + c + 8 * j), s[j]);
     }
-    if (tail) {
-      const __m256 xv = load8_tail(x + body, tail);
-      s0 = _mm256_fmadd_ps(load8_tail(row + body, tail), xv, s0);
-      s1 = _mm256_fmadd_ps(load8_tail(row + k + body, tail), xv, s1);
-      s2 = _mm256_fmadd_ps(load8_tail(row + 2 * k + body, tail), xv, s2);
-      s3 = _mm256_fmadd_ps(load8_tail(row + 3 * k + body, tail), xv, s3);
-    }
-    store(r, reduce_add8(s0));
-    store(r + 1, reduce_add8(s1));
-    store(r + 2, reduce_add8(s2));
-    store(r + 3, reduce_add8(s3));
-  }
-  for (; r < last; ++r) {
-    const T* row = w + r * k;
-    __m256 s = _mm256_setzero_ps();
-    for (int64_t c = 0; c < body; c += 8) s = _mm256_fmadd_ps(load8(row + c), load8(x + c), s);
-    if (tail) s = _mm256_fmadd_ps(load8_tail(row + body, tail), load8_tail(x + body, tail), s);
-    store(r, reduce_add8(s));
+    for (int j = 0; c < body; c += 8, ++j) s[j] = _mm256_fmadd_ps(load8(row + c), load8(x + c), s[j]);
+    if (tail) s[3] = _mm256_fmadd_ps(load8_tail(row + body, tail), load8_tail(x + body, tail), s[3]);
+    store(r, reduce_add8(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]))));
   }
 }
 
@@ -191,15 +117,14 @@ Isa matvec_form(const at::Tensor& w, const at::Tensor& x) {
   return widest == Isa::kAvx512 && !has_bf16 ? Isa::kAvx2 : widest;
 }
 
-// w @ x split between torch's threads in blocks of kRows rows; store(row, float32 sum) writes each result.
+// w @ x split between torch's threads in runs of rows; store(row, float32 sum) writes each result.
 template <typename W, typename X, typename Store>
 void dot_rows(Isa form, const at::Tensor& w, const at::Tensor& x, const Store& store) {
   const int64_t n = w.size(0), k = w.size(1);
   const W* wp = w.data_ptr<W>();
   const X* xp = x.data_ptr<X>();
   const bool wide = form == Isa::kAvx512;
-  at::parallel_for(0, (n + kRows - 1) / kRows, kGrain, [&](int64_t begin, int64_t end) {
-    const int64_t first = begin * kRows, last = std::min(n, end * kRows);
+  at::parallel_for(0, n, kGrain, [&](int64_t first, int64_t last) {
     if (!wide) {
       dot_rows_avx2(wp, xp, first, last, k, store);
     } else if constexpr (std::is_same_v<W, at::BFloat16>) {
