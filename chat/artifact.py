@@ -119,7 +119,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     eos = manifest["eos_token_ids"]
     if not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
         raise ArtifactError(f"{path} has invalid eos_token_ids (a list of token ids); {fix}")
-    if manifest.get("quantization") not in (None, "int8"):  # int8: export --quantize int8
+    if manifest.get("quantization") not in (None, "int8", "int4"):  # export --quantize
         raise ArtifactError(f"{path} has weights quantized as {manifest['quantization']!r}, unknown here; {fix}")
     ops = manifest.get("ops", [])  # torch.ops namespaces the module calls besides aten (see chat.native)
     if not (isinstance(ops, list) and all(op in KNOWN_OPS for op in ops)):

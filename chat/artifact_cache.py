@@ -1,7 +1,7 @@
 """chat's cache of artifacts exported on first use: where they live, what names one, listing and removal.
 
 An entry is an artifact directory, $CHAT_ARTIFACTS_DIR (else $XDG_CACHE_HOME/chat/artifacts, that is
-~/.cache/chat/artifacts) / LABEL-DEVICE-DTYPE[-int8]-KEY. KEY hashes what makes the artifact valid: the
+~/.cache/chat/artifacts) / LABEL-DEVICE-DTYPE[-int8|-int4]-KEY. KEY hashes what makes the artifact valid: the
 source (a Hub snapshot's repo and revision; a directory's or a GGUF file's path with the size and mtime of
 each file export reads), the device, dtype, quantization and context, the torch version, the artifact
 format and the exporter's own source. A source changed in place, another torch or a newer chat makes a new
@@ -49,7 +49,7 @@ class Target:
 
     device: str  # "cpu" or "cuda"
     dtype: str  # "float32", "bfloat16" or "float16"
-    quantization: str | None = None  # "int8" or None
+    quantization: str | None = None  # "int8", "int4" or None
     max_len: int | None = None  # None: the model's own limit (the exporter's default)
 
     @property

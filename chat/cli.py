@@ -38,9 +38,9 @@ Options:
   --backend=NAME               auto, torchscript or transformers [default: auto].
   --device=DEVICE              auto, cpu, cuda or cuda:N [default: auto].
   --dtype=DTYPE                auto, float32, bfloat16 or float16 [default: auto].
-  --quantize=KIND              Weights of a model exported on first use: auto, int8 or none
+  --quantize=KIND              Weights of a model exported on first use: auto, int8, int4 or none
                                [default: auto] (auto: int8 with --dtype auto on a CPU that runs
-                               chat's native kernels).
+                               chat's native kernels; int4: smaller and faster, bfloat16, rounder).
   --base-url=URL               Chat with a model an OpenAI-compatible server runs (vLLM, SGLang, llama-server,
                                ollama, transformers serve), e.g. http://127.0.0.1:8000/v1 (default:
                                $CHAT_BASE_URL, else $OPENAI_BASE_URL).
@@ -99,7 +99,7 @@ CHOICES = {
     "--backend": ("auto", "torchscript", "transformers"),
     "--context-policy": ("drop-oldest", "error"),
     "--dtype": ("auto", "float32", "bfloat16", "float16"),
-    "--quantize": ("auto", "int8", "none"),
+    "--quantize": ("auto", "int8", "int4", "none"),
 }
 
 
@@ -135,8 +135,12 @@ def parse_args(argv: list[str]) -> Options:
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not '{device}'")
 
-    if args["--quantize"] == "int8" and device.startswith("cuda"):
-        raise UsageError("--quantize int8 is for the CPU (a GPU step is bound by kernel launches, not bytes)")
+    if args["--quantize"] in ("int8", "int4") and device.startswith("cuda"):
+        raise UsageError(
+            f"--quantize {args['--quantize']} is for the CPU (a GPU step is bound by kernel launches, not bytes)"
+        )
+    if args["--quantize"] == "int4" and args["--dtype"] not in ("auto", "bfloat16"):
+        raise UsageError("--quantize int4 runs bfloat16 activations: leave --dtype at auto or set bfloat16")
 
     threads = None
     if args["--threads"] is not None:

@@ -15,7 +15,7 @@ class Options:
     backend: str
     device: str
     dtype: str
-    quantize: str  # auto | int8 | none: the weights of an artifact exported on first use
+    quantize: str  # auto | int8 | int4 | none: the weights of an artifact exported on first use
     export: bool  # export on first use (--backend auto, unless --no-export)
     threads: int | None
     param_changes: dict[str, Any]  # generation parameters given on the command line

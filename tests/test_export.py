@@ -139,7 +139,7 @@ def test_int8_logits_are_transformers_on_the_rounded_weights(request, tmp_path, 
         source = tiny_family_model(tmp_path / model, request.getfixturevalue("tiny_llama"), model)
     backend = TorchScriptBackend(export(str(source), tmp_path / "art", max_len=64, quantize="int8"))
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    round_model_weights(hf)
+    round_model_weights(hf, "int8")
     ids = [5, 9, 2, 7, 11, 3, 8]
     try:
         with torch.no_grad():
@@ -151,8 +151,87 @@ def test_int8_logits_are_transformers_on_the_rounded_weights(request, tmp_path, 
         backend.close()
 
 
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
+def test_int4_export_verifies_on_the_same_rounded_weights_and_chats(request, tmp_path, model):
+    """--quantize int4: a layer's matmul weights are int4 groups in the file (the head int8), --verify holds the
+    artifact to transformers running the same rounded weights, and the chat says what it runs."""
+    if native.supported():
+        pytest.skip(f"int4 decodes on chat's native kernels: {native.supported()}")
+    messages = []
+    source = request.getfixturevalue(model)
+    out = export(
+        str(source),
+        tmp_path / "art",
+        dtype="bfloat16",
+        max_len=128,
+        quantize="int4",
+        verify=True,
+        progress=messages.append,
+    )
+    assert sum("32 greedy tokens identical" in m for m in messages) == 3
+    assert read_manifest(out)["quantization"] == "int4"
+    backend = TorchScriptBackend(out)
+    try:
+        with quiet_torchscript():
+            buffers = dict(torch.jit.load(str(out / "model.ts")).named_buffers())
+        qkv = "blocks.0.attention.qkv.linear."
+        assert buffers[qkv + "weight"].dtype == torch.uint8 and buffers[qkv + "scale"].dtype == torch.float16
+        assert buffers["head.proj.linear.weight"].dtype == torch.int8
+        assert backend.info.runs_on.startswith("bfloat16, int4 weights, native")
+        assert str(backend.module.prefill.graph).count("chat::dequantize") >= 4
+        stream = ReplyStream(backend, [5, 6, 7], GenerationParams(max_new_tokens=6, temperature=0.0), None, [])
+        assert len(list(stream)) > 0 and stream.stats.new_tokens == 6
+    finally:
+        backend.close()
+
+
+def test_int4_logits_are_transformers_on_the_rounded_weights(tiny_llama, tmp_path):
+    """Prefill and decode logits of an int4 artifact against transformers running the same rounded weights in
+    bfloat16: within bfloat16's rounding of the activations."""
+    if native.supported():
+        pytest.skip(f"int4 decodes on chat's native kernels: {native.supported()}")
+    from transformers import AutoModelForCausalLM
+
+    from chat.export.quantize import round_model_weights
+
+    backend = TorchScriptBackend(
+        export(str(tiny_llama), tmp_path / "art", dtype="bfloat16", max_len=64, quantize="int4")
+    )
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    round_model_weights(hf, "int4")
+    ids = [5, 9, 2, 7, 11, 3, 8]
+    try:
+        with torch.no_grad():
+            expected = hf.bfloat16()(input_ids=torch.tensor([ids])).logits[0].float()
+        got = [backend.prefill(ids[:4])] + [backend.decode(token) for token in ids[4:]]
+        for step, logits in enumerate(got, start=3):
+            torch.testing.assert_close(logits.float(), expected[step], rtol=0.05, atol=0.05)
+    finally:
+        backend.close()
+
+
+def test_rounding_to_int4_is_per_group_and_rounding_twice_changes_nothing():
+    from chat.export.quantize import quantize_groups, round_to
+    from chat.lean.ops import int4_weights
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 128) * torch.logspace(-3, 2, 40)[:, None]  # rows of very different sizes
+    w[3] = 0
+    w[5, 32:64] = 0.25  # a constant group
+    packed, scales = quantize_groups(w)
+    assert packed.shape == (40, 64) and scales.shape == (40, 2, 4) and scales.dtype == torch.float16
+    once = int4_weights(packed, scales)
+    assert torch.equal(once[3], w[3]) and torch.equal(once[5, 32:64], w[5, 32:64])
+    groups, made = w.reshape(40, 4, 32), once.reshape(40, 4, 32)
+    span = groups.amax(dim=2) - groups.amin(dim=2)
+    assert ((made - groups).abs().amax(dim=2) <= span / 15 * 0.6 + span * 0.1).all()  # within a step, or a trim
+    assert torch.equal(round_to("int4", once), once)
+    odd = torch.randn(3, 96)  # rows of no whole number of 64-weight runs stay int8
+    assert torch.equal(round_to("int4", odd), round_to("int8", odd))
+
+
 def test_rounding_to_int8_is_per_row_and_rounding_twice_changes_nothing():
-    from chat.export.quantize import quantize_rows, round_to_int8
+    from chat.export.quantize import quantize_rows, round_to
 
     torch.manual_seed(0)
     w = torch.randn(40, 24) * torch.logspace(-3, 2, 40)[:, None]  # rows of very different sizes
@@ -161,8 +240,8 @@ def test_rounding_to_int8_is_per_row_and_rounding_twice_changes_nothing():
     assert q.dtype == torch.int8 and q.abs().amax(dim=1)[w.abs().amax(dim=1) > 0].eq(127).all()
     assert scale[3] == 1 and q[3].eq(0).all()
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()  # half a step at most
-    once = round_to_int8(w)
-    assert torch.equal(quantize_rows(once)[0], q) and torch.allclose(round_to_int8(once), once, rtol=1e-6, atol=0)
+    once = round_to("int8", w)
+    assert torch.equal(quantize_rows(once)[0], q) and torch.allclose(round_to("int8", once), once, rtol=1e-6, atol=0)
 
 
 def test_tied_weights_are_stored_once(tiny_llama, tmp_path):
@@ -207,7 +286,9 @@ def test_refusals(tiny_llama, tmp_path):
         (other / "model.safetensors").write_bytes(b"")
         with pytest.raises(ChatError, match=refusal):
             export(str(other), tmp_path / "out")
-    with pytest.raises(UsageError, match="--quantize=int4: use int8"):
+    with pytest.raises(UsageError, match="--quantize=int2: use int8 or int4"):
+        export(str(tiny_llama), tmp_path / "out", quantize="int2")
+    with pytest.raises(UsageError, match="--quantize int4 is for --dtype bfloat16"):
         export(str(tiny_llama), tmp_path / "out", quantize="int4")
     with pytest.raises(UsageError, match="--quantize int8 is for --device cpu"):
         export(str(tiny_llama), tmp_path / "out", device="cuda", quantize="int8")
@@ -383,18 +464,20 @@ def test_profile_decode_reports_ops_per_step(tiny_llama, tmp_path):
     assert "9 cached tokens, 3 steps" in done.stdout and "op calls" in done.stdout
 
 
-def test_int8_quality_script_compares_the_rounded_model(tiny_llama):
-    """tools/int8_quality.py, which measures what int8 rounding costs a model, runs and reports both."""
+def test_quantize_quality_script_compares_the_rounded_models(tiny_llama):
+    """tools/quantize_quality.py, which measures what int8 and int4 rounding cost a model, runs and reports each."""
     done = subprocess.run(
-        [sys.executable, str(TOOLS / "int8_quality.py"), f"--model={tiny_llama}", "--tokens=5"],
+        [sys.executable, str(TOOLS / "quantize_quality.py"), f"--model={tiny_llama}", "--tokens=5"],
         capture_output=True,
         text=True,
         check=False,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert [line.split()[0] for line in lines[1:4]] == ["original", "int8", "bfloat16"] and "perplexity" in lines[2]
-    assert lines[4].startswith("greedy tokens that agree with the original's") and len(lines) == 10
+    names = ["original", "int8", "int4", "bfloat16"]
+    assert [line.split()[0] for line in lines[1:5]] == names and "perplexity" in lines[2]
+    assert lines[5].startswith("greedy tokens that agree with the original's") and len(lines[6].split()) >= 4
+    assert lines[11].startswith("greedy replies to") and [line.split()[0] for line in lines[12:]] == names
 
 
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])

@@ -94,7 +94,10 @@ def test_quantize_picks_the_weights_and_each_choice_has_its_own_entry(model, tmp
     assert "cpu-float32-int8-" in backend_line(rounded)
     named = run_chat(str(model), *QUESTION, "--dtype", "bfloat16", cache=cache)  # a dtype asked for: unrounded
     assert "cpu-bfloat16-" in backend_line(named) and "int8" not in backend_line(named)
-    assert len(cached(cache)) == 3
+    smallest = run_chat(str(model), *QUESTION, "--quantize", "int4", cache=cache)
+    assert "cpu-bfloat16-int4-" in backend_line(smallest)
+    assert "int4 weights" in next(line for line in smallest.stdout.splitlines() if line.startswith("device"))
+    assert len(cached(cache)) == 4
 
 
 def test_a_changed_model_is_exported_again_and_replaces_its_old_entry(model, tmp_path):

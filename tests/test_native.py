@@ -209,8 +209,74 @@ def test_int8_weights_need_their_scales(ops):
         ops.matvec(q, torch.randn(16))
     with pytest.raises(RuntimeError, match="int8 weights need their scales"):
         ops.add_matvec(torch.randn(8), q, torch.randn(16), scales[:4])
-    with pytest.raises(RuntimeError, match="scales are for int8 weights only"):
+    with pytest.raises(RuntimeError, match="scales are for int8 and int4 weights only"):
         ops.matvec(torch.randn(8, 16), torch.randn(16), None, None, scales)
+
+
+def int4_rows(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random int4 rows (every level, two a byte) and their groups' steps and offsets, as export packs them."""
+    packed = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8)
+    groups = cols // 32
+    steps, offsets = torch.rand(rows, groups) / 64 + 1e-4, -torch.rand(rows, groups) / 8
+    return packed, torch.stack([steps, offsets], dim=1).half()
+
+
+INT4_SHAPES = [(3072, 576), (576, 1536), (7, 64), (13, 128), (1, 192)]
+
+
+@pytest.mark.parametrize(("rows", "cols"), INT4_SHAPES)
+@pytest.mark.parametrize("kernels", ALL_FORMS, indirect=True)
+def test_int4_weights_are_their_groups_levels_times_steps_plus_offsets(kernels, rows, cols):
+    from chat.lean.ops import int4_weights
+
+    torch.manual_seed(rows * cols + 2)
+    (packed, scales), x, r = int4_rows(rows, cols), torch.randn(cols).bfloat16(), torch.randn(rows).bfloat16()
+    whole = int4_weights(packed, scales)
+    got, exact = kernels.matvec(packed, x, None, None, scales), whole.double() @ x.double()
+    size = whole.double().abs() @ x.double().abs()
+    assert got.dtype == torch.bfloat16  # the activations' dtype
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + size * 2**-18).all()
+    assert (kernels.add_matvec(r, packed, x, scales) != r + got).sum() == 0  # rounded product, then the add
+
+
+@pytest.mark.parametrize(("op", "act"), GATES)
+@pytest.mark.parametrize("kernels", ALL_FORMS, indirect=True)
+def test_int4_gated_matvec_and_weighted_norm(kernels, op, act):
+    from chat.lean.ops import int4_weights
+
+    torch.manual_seed(8)
+    (packed, scales), x = int4_rows(3072, 576), (torch.randn(576) / 16).bfloat16()
+    gate, up = (int4_weights(packed, scales).double() @ x.double()).chunk(2)
+    exact = act(gate) * up
+    got = getattr(kernels, op)(packed, x, None, None, scales)
+    assert got.dtype == torch.bfloat16 and (got.double() - exact).abs().max() <= exact.abs().max() * 2**-6
+    norm_weight = torch.rand(576).bfloat16()
+    normed = kernels.matvec(torch.eye(576, dtype=torch.bfloat16), x, 0.5, norm_weight)
+    for name in ("matvec", op):
+        kernel = getattr(kernels, name)
+        torch.testing.assert_close(
+            kernel(packed, x, 0.5, norm_weight, scales), kernel(packed, normed, None, None, scales)
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernels", ALL_FORMS, indirect=True)
+def test_dequantize_gives_the_weights_int4_rows_stand_for(kernels, dtype):
+    from chat.lean.ops import int4_weights
+
+    packed, scales = int4_rows(300, 192)
+    got = kernels.dequantize(packed, scales, torch.zeros(1, dtype=dtype))
+    assert got.dtype == dtype and torch.equal(got, int4_weights(packed, scales).to(dtype))
+
+
+def test_int4_weights_need_their_steps_and_offsets(ops):
+    packed, scales = int4_rows(8, 64)
+    with pytest.raises(RuntimeError, match="int4 weights need their steps and offsets"):
+        ops.matvec(packed, torch.randn(64).bfloat16())
+    with pytest.raises(RuntimeError, match="int4 weights need their steps and offsets"):
+        ops.matvec(packed, torch.randn(64).bfloat16(), None, None, scales.float())
+    with pytest.raises(RuntimeError, match="int4 rows hold a multiple of 64 weights"):
+        ops.matvec(packed[:, :16], torch.randn(32).bfloat16(), None, None, scales[:, :, :1])
 
 
 def test_matvec_on_strided_input_and_other_dtypes_uses_torchs_kernels(ops):

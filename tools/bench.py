@@ -11,8 +11,8 @@ Options:
   --model=DIR      a model directory [default: models/smollm2-135m-instruct]
   --device=DEVICE  cpu or cuda; auto takes cuda when there is one [default: auto]
   --dtypes=LIST    comma-separated dtypes; default: bfloat16,float32 on CPU, bfloat16 on CUDA. DTYPE-int8
-                   (float32-int8, say) measures an artifact exported with --quantize int8 against
-                   transformers in DTYPE
+                   (float32-int8, say) or bfloat16-int4 measures an artifact exported with --quantize int8
+                   (or int4) against transformers in DTYPE
   --prompts=LIST   prompt lengths in tokens [default: 64,512]
   --new-tokens=N   tokens generated per reply, EOS ignored [default: 256]
   --repeats=N      runs per prompt and backend; the best is reported (the machine may be shared) [default: 3]
@@ -23,9 +23,9 @@ Every measurement runs in its own process, so each backend's peak memory is its 
 driven through the same chat.generation.ReplyStream, greedy, with min_new_tokens = max_new_tokens so that
 EOS does not end a reply early. The TorchScript artifact is MODEL/torchscript/DEVICE-DTYPE, exported first
 (without --verify) if it is not there or is older than the exporter's code (MODEL/torchscript/cpu-DTYPE-int8
-for the int8 ones). On CPU the floor is the time of
-the weight matmuls of one token (F.linear, M=1, the checkpoint's own weight shapes), measured in the same
-run and as decode is: the mean over the reply's tokens, best of the runs.
+for the int8 ones, -int4 for int4). On CPU the floor is the time of the weight matmuls of one token (F.linear,
+M=1, the checkpoint's own weight shapes), measured in the same run and as decode is: the mean over the reply's
+tokens, best of the runs.
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ Options:
   --new-tokens=N  tokens decoded per measurement [default: 256]
   --out=DIR       where peers.json and peers.md go [default: bench]
 
-The pairs: our bfloat16 artifact against llama.cpp's BF16 file, our bfloat16-int8 one against Q8_0, float32
-against F32, and bfloat16 against BF16 on one thread. llama.cpp is built once by tools/llama_cpp.py (minutes;
-then reused), which also converts the model (convert_hf_to_gguf.py; Q8_0 by llama-quantize); our artifacts
-are exported first where missing or older than the exporter, as tools/bench.py does.
+The pairs: our bfloat16 artifact against llama.cpp's BF16 file, our bfloat16-int8 one against Q8_0,
+bfloat16-int4 against Q4_0, float32 against F32, and bfloat16 against BF16 on one thread. llama.cpp is built
+once by tools/llama_cpp.py (minutes; then reused), which also converts the model (convert_hf_to_gguf.py; Q8_0
+and Q4_0 by llama-quantize); our artifacts are exported first where missing or older than the exporter, as
+tools/bench.py does.
 
 A round measures each pair once, each side in its own processes, the side that goes first alternating:
 ours is tools/bench.py's torchscript worker (greedy, a 64- and a 512-token prompt, NEW_TOKENS tokens with EOS
@@ -60,6 +61,7 @@ PREFILL = 512
 PAIRS: list[tuple[str, str, int | None]] = [
     ("bfloat16", "BF16", None),
     ("bfloat16-int8", "Q8_0", None),
+    ("bfloat16-int4", "Q4_0", None),
     ("float32", "F32", None),
     ("bfloat16", "BF16", 1),
 ]

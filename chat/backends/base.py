@@ -26,7 +26,7 @@ class LoadOptions:
     model: str
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    quantize: str = "auto"  # auto | int8 | none: the weights of an artifact exported on first use
+    quantize: str = "auto"  # auto | int8 | int4 | none: the weights of an artifact exported on first use
     first_use: bool = True  # export on first use into chat's cache, and take artifacts from it (not --no-export)
     offline: bool = False
     trust_remote_code: bool = False
@@ -45,7 +45,7 @@ class BackendInfo:
     threads_reason: str = ""  # why that many: BY_OPTION, BY_ENV, or from chat.threads ("one per CPU", ...)
     reason: str = ""  # why this backend was chosen (shown by !status)
     kernels: str = ""  # "native AVX-512" (or AVX2) when decode runs on chat's native CPU kernels (chat.native)
-    quantization: str = ""  # "int8" when the matmul weights are (export --quantize)
+    quantization: str = ""  # "int8" or "int4" when the matmul weights are (export --quantize)
     notes: list[str] = field(default_factory=list)  # e.g. why auto fell back
 
     @property

@@ -97,7 +97,7 @@ def find_artifact(options: LoadOptions) -> tuple[Path | None, str]:
     if not path.is_dir():
         return None, f"{options.model} is not a local directory; TorchScript needs an exported artifact"
     target = artifact_dir_for(path, device_type, dtypes[0])
-    quantized = " --quantize=int8" if options.quantize == "int8" else ""
+    quantized = f" --quantize={options.quantize}" if options.quantize in ("int8", "int4") else ""
     return None, (
         f"no TorchScript artifact for {device_type} in {path / ARTIFACTS_SUBDIR} "
         f"(make one: python -m chat.export {path} {target} --device={device_type} --dtype={dtypes[0]}{quantized})"
@@ -117,10 +117,13 @@ def _weights_fit(artifact: Path, options: LoadOptions) -> bool:
 
 def export_target(options: LoadOptions) -> Target:
     """What auto exports for these options: the preferred dtype; with --dtype auto on a CPU where chat's
-    native kernels run, int8 weights unless --quantize none (docs/performance.md has the figures)."""
+    native kernels run, int8 weights unless --quantize none (docs/performance.md has the figures). int4
+    weights run bfloat16 activations."""
     device_type = device_type_of(options.device)
     dtype = options.dtype if options.dtype != "auto" else preferred_dtypes(device_type)[0]
     quantization = None if options.quantize == "none" else options.quantize
+    if quantization == "int4":
+        dtype = "bfloat16"
     if quantization == "auto":  # an explicit --dtype asks for those weights, unrounded
         native_int8 = device_type == "cpu" and options.dtype == "auto" and _native_kernels_possible()
         quantization = "int8" if native_int8 else None
@@ -163,7 +166,7 @@ def source_checkpoint(artifact: Path, options: LoadOptions) -> Path | None:
 
 
 def _native_kernels_possible() -> bool:
-    """Whether chat's native kernels can run int8 weights here: a CPU they support, and their library built
+    """Whether chat's native kernels can run quantized weights here: a CPU they support, and their library built
     (for some torch) or a compiler to build it."""
     if native.supported() is not None:
         return False

@@ -69,7 +69,8 @@ def export(
     progress: Progress = lambda message: None,
 ) -> Path:
     """Write the artifact of `model` (a directory, a GGUF file or a Hub id) to `outdir`, atomically; return outdir.
-    quantize="int8": matmul weights as int8 with a scale per row (chat.export.quantize; CPU only)."""
+    quantize="int8": matmul weights as int8 with a scale per row; "int4": groups of 32 with a step and an offset
+    each, bfloat16 only (chat.export.quantize; CPU only)."""
     import torch
 
     from chat.backends.base import LoadOptions
@@ -91,10 +92,14 @@ def export(
         raise UsageError(f"--dtype={dtype}: use float32, bfloat16 or float16")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device={device}: use cpu or cuda")
-    if quantize not in (None, "int8"):
-        raise UsageError(f"--quantize={quantize}: use int8 (or leave it out)")
+    if quantize not in (None, "int8", "int4"):
+        raise UsageError(f"--quantize={quantize}: use int8 or int4 (or leave it out)")
     if quantize and device != "cpu":
-        raise UsageError("--quantize int8 is for --device cpu (a GPU step is bound by kernel launches, not bytes)")
+        raise UsageError(
+            f"--quantize {quantize} is for --device cpu (a GPU step is bound by kernel launches, not bytes)"
+        )
+    if quantize == "int4" and dtype != "bfloat16":
+        raise UsageError("--quantize int4 is for --dtype bfloat16 (its kernels multiply bfloat16 activations)")
     torch_device = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
     # As a chat does: on CPUs other programs keep busy, more threads than free CPUs make each op wait.
@@ -132,16 +137,19 @@ def export(
         raise ChatError(f"transformers could not load {source} ({first}); check or download the model again") from None
     native_ops = torch_device.type == "cpu" and _native_kernels(progress)
     if quantize and not native_ops:
-        raise ChatError(f"--quantize int8 decodes on chat's native kernels, which cannot run here ({native.why_not()})")
+        raise ChatError(
+            f"--quantize {quantize} decodes on chat's native kernels, which cannot run here ({native.why_not()})"
+        )
     if quantize:
         from chat.export.quantize import quantize_weights, round_model_weights
 
-        progress("rounding the matmul weights to int8, one scale per row")
-        round_model_weights(hf)  # --verify compares with transformers on these same weights
+        how = "one scale per row" if quantize == "int8" else "a step and an offset per 32 weights; the head int8"
+        progress(f"rounding the matmul weights to {quantize}, {how}")
+        round_model_weights(hf, quantize)  # --verify compares with transformers on these same weights
     max_len = context_limit(hf.config, max_len)
     shape, top, layers, ropes = convert(hf, max_len)
     if quantize:
-        top, layers = quantize_weights(top, layers)
+        top, layers = quantize_weights(top, layers, quantize)
 
     progress(f"building the {shape.family} module: {shape.layers} layers, {dtype}, {device}, max_len {max_len}")
 
@@ -150,7 +158,7 @@ def export(
     def cast(weights: dict) -> dict:
         for name, v in weights.items():
             if v is not None and id(v) not in converted:
-                kept = v.dtype == torch.int8 or name.endswith("_scale")  # int8 weights and their float32 scales
+                kept = v.dtype in (torch.int8, torch.uint8) or name.endswith("_scale")  # quantized, and scales
                 converted[id(v)] = v.to(torch_device) if kept else v.to(device=torch_device, dtype=torch_dtype)
         return {k: None if v is None else converted[id(v)] for k, v in weights.items()}
 

@@ -16,7 +16,9 @@ Options:
   --max-len=N      most tokens per conversation; default: the model's own context (a chat's KV cache grows
                    to it as the conversation does)
   --quantize=KIND  int8: matmul weights as int8 with a scale per row, about half the bytes of bfloat16 and
-                   faster decode (CPU only; --verify then compares with transformers on the same int8 weights)
+                   faster decode; int4: groups of 32 weights with a step and an offset (the head int8),
+                   bfloat16 only, about a third of the bytes (CPU only; --verify then compares with
+                   transformers on the same rounded weights)
   --verify         compare 32 greedy tokens on a few prompts with transformers; fail on a differing token
   -h --help        show this
 """

@@ -179,9 +179,10 @@ class NativeAddmmLinear(NativeLinear):
         return super().add_to(r, x)
 
 
-class NativeInt8Linear(NativeLinear):
-    """int8 rows with a float32 scale each (chat.export.quantize): decode's kernels read the int8 rows, and
-    prefill multiplies by the weights made whole again."""
+class NativeQuantizedLinear(NativeLinear):
+    """int8 rows with a float32 scale each, or int4 rows with a step and an offset per group of 32
+    (chat.export.quantize): decode's kernels read the rounded rows, and prefill multiplies by the weights made
+    whole again."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(weight, bias)

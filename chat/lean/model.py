@@ -28,7 +28,7 @@ from chat.lean.shape import Shape
 
 Weights = dict[str, torch.Tensor | None]
 RopeTable = tuple[torch.Tensor, torch.Tensor]  # cos and signed sin (rotate-half form), a row per position
-MATMUL_WEIGHTS = ("wqkv", "wo", "wup", "wdown")  # a layer's; int8 with --quantize, as is the output head
+MATMUL_WEIGHTS = ("wqkv", "wo", "wup", "wdown")  # a layer's; rounded with --quantize, as is the output head
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ def build(
 
 def _block(shape: Shape, w: Weights, layer: int, forms: Forms) -> Block:
     quantized = w.get("wqkv_scale") is not None
-    # int8 weights hold the rounded weights as transformers would run them (see chat.export.quantize).
+    # Quantized weights hold the rounded weights as transformers would run them (see chat.export.quantize).
     fold = forms.fewest_ops and shape.norm == "rms" and shape.norm_placement != "post" and not quantized
     if fold:  # the norm weight and sqrt(hidden) scale the matmul's inputs: into the weight's columns
         root = shape.hidden_size**0.5
@@ -347,7 +347,7 @@ def _linear(
     name: str, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None, forms: Forms
 ) -> nn.Module:
     if scale is not None:
-        return L.NativeInt8Linear(weight, scale, bias)
+        return L.NativeQuantizedLinear(weight, scale, bias)
     if forms.native:
         return L.NativeAddmmLinear(weight, bias) if forms.fewest_ops else L.NativeLinear(weight, bias)
     if name in forms.transposed:

@@ -40,6 +40,18 @@ def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_di
     return out if rest is None else torch.cat([out, rest], dim=-1)
 
 
+INT4_GROUP, INT4_RUN = 32, 64  # weights per step and offset; weights per 32 bytes (chat/native/int4.h)
+
+
+def int4_weights(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int4 rows (uint8, two weights a byte: per run of 64, byte j holds weight j low and 32 + j high) made whole
+    in float32 by their groups' steps and offsets (float16, (rows, 2, groups)): w = d * q + m."""
+    rows, width = packed.size(0), 2 * packed.size(1)
+    runs = packed.reshape(rows, width // INT4_RUN, 1, 32)
+    levels = torch.cat([runs & 15, runs >> 4], dim=2).reshape(rows, width // INT4_GROUP, INT4_GROUP).float()
+    return (levels * scales[:, 0].float().unsqueeze(2) + scales[:, 1].float().unsqueeze(2)).reshape(rows, width)
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap), Gemma 2's bound on attention scores and logits, in transformers' order of ops."""
     return torch.tanh(x / cap) * cap

@@ -3,9 +3,9 @@
 torch.ops.chat.matvec (w @ x, optionally of x's RMSNorm), silu_mul_matvec and gelu_tanh_mul_matvec (a gated
 MLP's first half, SwiGLU or GeGLU), add_matvec (r + w @ x), cache_attend (RoPE, the cache write and attention
 for one token; optionally with its own score scale, Gemma 2's soft cap on the scores, and a sliding window of
-the last W positions) and dequantize (int8 weights made whole, for prefill): ops.cpp says what each does; the
-matvecs take int8 weights with their rows' scales too. CPU artifacts exported where the kernels are built call
-them at decode; their manifest lists "chat" in "ops".
+the last W positions) and dequantize (quantized weights made whole, for prefill): ops.cpp says what each does;
+the matvecs take int8 weights with their rows' scales, and int4 weights with their groups' (int4.h). CPU
+artifacts exported where the kernels are built call them at decode; their manifest lists "chat" in "ops".
 
 The kernels are compiled once per machine, torch version and source (about 10 s of g++ against torch's
 headers): by the first chat or export that finds them missing, by `make`, or by `python -m chat.native`. The
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     import torch
 
 # In the order library_name() hashes them; the .cpp files are compiled, the headers included.
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.h", "ops.h", "matvec.cpp", "attention.cpp", "ops.cpp"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("isa.h", "int4.h", "ops.h", "matvec.cpp", "attention.cpp", "ops.cpp")
+)
 PACKAGED = Path(__file__).with_name("lib")
 OPS = "chat"  # the torch.ops namespace, as listed in an artifact manifest's "ops"
 
@@ -293,7 +295,7 @@ def fallback_library(namespace: str) -> torch.library.Library:
     import torch
     import torch.nn.functional as F
 
-    from chat.lean.ops import rotate_half, unit_norm  # the lean module's own steps
+    from chat.lean.ops import int4_weights, rotate_half, unit_norm  # the lean module's own steps
     from chat.lean.ops import softcap as cap
 
     def rms_norm(x: torch.Tensor, eps_root: float | None, weight: torch.Tensor | None) -> torch.Tensor:
@@ -302,9 +304,14 @@ def fallback_library(namespace: str) -> torch.library.Library:
         unit = unit_norm(x.float(), torch.tensor(eps_root))
         return unit.to(x.dtype) if weight is None else weight * (unit * x.numel() ** 0.5).to(x.dtype)
 
+    def whole(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # quantized weights in float32
+        return int4_weights(w, scales) if w.dtype == torch.uint8 else w.float() * scales.unsqueeze(1)
+
     def mv(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         if scales is None:
             return torch.mv(w, x)
+        if w.dtype == torch.uint8:
+            return torch.mv(whole(w, scales), x.float()).to(x.dtype)
         return (torch.mv(w.float(), x.float()) * scales).to(x.dtype)  # int8 rows: summed in float32, then scaled
 
     def matvec(w, x, eps_root=None, norm_weight=None, scales=None):
@@ -359,7 +366,7 @@ def fallback_library(namespace: str) -> torch.library.Library:
         (
             "dequantize",
             "(Tensor w, Tensor scales, Tensor like) -> Tensor",
-            lambda w, scales, like: (w.float() * scales.unsqueeze(1)).to(like.dtype),
+            lambda w, scales, like: whole(w, scales).to(like.dtype),
         ),
         (
             "cache_attend",

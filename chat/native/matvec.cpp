@@ -6,6 +6,9 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
+#include <ATen/ops/bitwise_and.h>
+#include <ATen/ops/bitwise_right_shift.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/hypot.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/mv.h>
@@ -14,6 +17,7 @@
 
 #include <vector>
 
+#include "int4.h"
 #include "isa.h"
 #include "ops.h"
 
@@ -91,10 +95,18 @@ CHAT_AVX2 void dot_rows_avx2(const T* w, const X* x, int64_t first, int64_t last
   }
 }
 
-// An op's int8 weights come with their scales (float32, one per row), and other weights without.
+// An op's int8 weights come with their scales (float32, one per row), int4 weights (uint8, two a byte) with
+// their groups' steps and offsets (float16, (rows, 2, groups): int4.h), and other weights without.
 void check_scales(const at::Tensor& w, const std::optional<at::Tensor>& scales, const char* op) {
+  if (w.scalar_type() == at::kByte) {
+    TORCH_CHECK(w.dim() == 2 && (2 * w.size(1)) % kInt4Run == 0, op, ": int4 rows hold a multiple of 64 weights");
+    TORCH_CHECK(scales && scales->scalar_type() == at::kHalf && scales->dim() == 3 && scales->size(0) == w.size(0) &&
+                    scales->size(1) == 2 && scales->size(2) == 2 * w.size(1) / kInt4Group,
+                op, ": int4 weights need their steps and offsets, float16, (rows, 2, groups of 32)");
+    return;
+  }
   if (w.scalar_type() != at::kChar) {
-    TORCH_CHECK(!scales, op, ": scales are for int8 weights only");
+    TORCH_CHECK(!scales, op, ": scales are for int8 and int4 weights only");
     return;
   }
   TORCH_CHECK(scales && scales->scalar_type() == at::kFloat && scales->dim() == 1 && w.dim() == 2 &&
@@ -102,18 +114,22 @@ void check_scales(const at::Tensor& w, const std::optional<at::Tensor>& scales, 
               op, ": int8 weights need their scales, float32, one per row");
 }
 
+// Weights per row: int4 rows hold two a byte.
+int64_t row_width(const at::Tensor& w) { return w.scalar_type() == at::kByte ? 2 * w.size(1) : w.size(1); }
+
 // The kernels' form for w @ x (kTorch: torch's own kernels, for shapes, dtypes and CPUs they do not take).
 Isa matvec_form(const at::Tensor& w, const at::Tensor& x) {
   static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
-  const bool int8 = w.scalar_type() == at::kChar;
-  const bool x_ok = int8 ? x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16
-                         : w.scalar_type() == x.scalar_type();
-  if (!w.device().is_cpu() || w.dim() != 2 || x.dim() != 1 || !x_ok || w.size(1) != x.size(0) || w.size(1) == 0) {
+  const bool int8 = w.scalar_type() == at::kChar, int4 = w.scalar_type() == at::kByte;
+  const bool x_ok = int8   ? x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16
+                    : int4 ? x.scalar_type() == at::kBFloat16
+                           : w.scalar_type() == x.scalar_type();
+  if (!w.device().is_cpu() || w.dim() != 2 || x.dim() != 1 || !x_ok || row_width(w) != x.size(0) || w.size(1) == 0) {
     return Isa::kTorch;
   }
   const Isa widest = isa();
   if (int8 || w.scalar_type() == at::kFloat) return widest;
-  if (w.scalar_type() != at::kBFloat16) return Isa::kTorch;
+  if (w.scalar_type() != at::kBFloat16 && !int4) return Isa::kTorch;
   return widest == Isa::kAvx512 && !has_bf16 ? Isa::kAvx2 : widest;
 }
 
@@ -135,12 +151,31 @@ void dot_rows(Isa form, const at::Tensor& w, const at::Tensor& x, const Store& s
   });
 }
 
+// int4 w @ bfloat16 x split between torch's threads as dot_rows does.
+template <typename Store>
+void int4_rows(Isa form, const at::Tensor& w, const at::Tensor& x, const at::Tensor& scales, const Store& store) {
+  const int64_t n = w.size(0), k = row_width(w);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
+  const std::vector<float> sums = int4_group_sums(xp, k);
+  at::parallel_for(0, n, kGrain, [&](int64_t first, int64_t last) {
+    if (form == Isa::kAvx512) {
+      dot_rows_int4(wp, sp, xp, sums.data(), first, last, k, store);
+    } else {
+      dot_rows_int4_avx2(wp, sp, xp, sums.data(), first, last, k, store);
+    }
+  });
+}
+
 // w @ x (contiguous, in a form matvec_form gave) as float32 sums, store(row, sum) writing each: w of x's dtype,
-// or int8, whose sums over x in float32 are then scaled by their rows' scales.
+// int8, whose sums over x in float32 are then scaled by their rows' scales, or int4 (int4.h).
 template <typename Store>
 void row_sums(Isa form, const at::Tensor& w, const at::Tensor& x, const std::optional<at::Tensor>& scales,
               const Store& store) {
-  if (w.scalar_type() == at::kChar) {
+  if (w.scalar_type() == at::kByte) {
+    int4_rows(form, w, x, scales->contiguous(), store);
+  } else if (w.scalar_type() == at::kChar) {
     const at::Tensor x32 = x.to(at::kFloat).contiguous(), s = scales->contiguous();
     const float* sp = s.data_ptr<float>();
     dot_rows<int8_t, float>(form, w, x32, [sp, &store](int64_t i, float sum) { store(i, sum * sp[i]); });
@@ -151,9 +186,20 @@ void row_sums(Isa form, const at::Tensor& w, const at::Tensor& x, const std::opt
   }
 }
 
+// int4 weights made whole in float32, on torch's ops.
+at::Tensor int4_weights_torch(const at::Tensor& w, const at::Tensor& scales) {
+  const int64_t n = w.size(0), k = row_width(w);
+  const at::Tensor runs = w.view({n, k / kInt4Run, 1, 32});
+  const at::Tensor levels = at::cat({at::bitwise_and(runs, 15), at::bitwise_right_shift(runs, 4)}, 2);
+  const at::Tensor groups = levels.reshape({n, k / kInt4Group, kInt4Group}).to(at::kFloat);
+  const at::Tensor steps = scales.select(1, 0).to(at::kFloat).unsqueeze(2), offsets = scales.select(1, 1).to(at::kFloat).unsqueeze(2);
+  return (groups * steps + offsets).reshape({n, k});
+}
+
 // w @ x on torch's own kernels (the kTorch form); int8 weights are summed in float32, then scaled.
 at::Tensor mv_torch(const at::Tensor& w, const at::Tensor& x, const std::optional<at::Tensor>& scales) {
   if (!scales) return at::mv(w, x);
+  if (w.scalar_type() == at::kByte) return at::mv(int4_weights_torch(w, *scales), x.to(at::kFloat)).to(x.scalar_type());
   return (at::mv(w.to(at::kFloat), x.to(at::kFloat)) * *scales).to(x.scalar_type());
 }
 
@@ -291,6 +337,28 @@ CHAT_AVX512 void dequantize_rows_bf16(const int8_t* w, const float* scales, int6
   }
 }
 
+// `rows` int4 rows of k (int4.h) made whole, d * q + m rounded to bfloat16 as int4_weights_torch then .to would.
+CHAT_AVX512 void dequantize_rows_int4(const uint8_t* w, const at::Half* scales, int64_t rows, int64_t k,
+                                      at::BFloat16* out) {
+  const int64_t groups = k / kInt4Group;
+  std::vector<float> dm(2 * groups);
+  for (int64_t i = 0; i < rows; ++i) {
+    int4_scales_avx512(scales + i * 2 * groups, groups, dm.data());
+    for (int64_t b = 0; b < k / 2; b += 16) {  // 16 bytes: 16 weights of a run's first group, 16 of its second
+      const int64_t run = b / 32, j = b % 32;
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i * k / 2 + b)));
+      const __m512 levels[2] = {_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))),
+                                _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4))};
+      for (int half = 0; half < 2; ++half) {
+        const int64_t g = 2 * run + half;
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(levels[half], _mm512_set1_ps(dm[g])), _mm512_set1_ps(dm[groups + g]));
+        const __m256i bf16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * k + kInt4Run * run + 32 * half + j), bf16);
+      }
+    }
+  }
+}
+
 // act(gate) * up for w holding the gate rows, then the up rows: one op for a gated MLP's first half. In
 // bfloat16 each step rounds as torch's ops do: gate and up, act(gate), then the product. op names the op.
 template <Gate G>
@@ -391,6 +459,19 @@ at::Tensor add_matvec(const at::Tensor& r_in, const at::Tensor& w_in, const at::
 at::Tensor dequantize(const at::Tensor& w_in, const at::Tensor& scales, const at::Tensor& like) {
   check_scales(w_in, scales, "chat::dequantize");
   const at::ScalarType dtype = like.scalar_type();
+  if (w_in.scalar_type() == at::kByte) {
+    const at::Tensor w = w_in.contiguous(), s = scales.contiguous();
+    if (dtype != at::kBFloat16 || isa() != Isa::kAvx512) return int4_weights_torch(w, s).to(dtype);
+    const int64_t k = row_width(w);
+    at::Tensor out = at::empty({w.size(0), k}, w.options().dtype(dtype));
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const at::Half* sp = s.data_ptr<at::Half>();
+    at::BFloat16* o = out.data_ptr<at::BFloat16>();
+    at::parallel_for(0, w.size(0), kGrain, [&](int64_t begin, int64_t end) {
+      dequantize_rows_int4(wp + begin * k / 2, sp + begin * 2 * (k / kInt4Group), end - begin, k, o + begin * k);
+    });
+    return out;
+  }
   if (dtype != at::kFloat && dtype != at::kBFloat16) return (w_in.to(at::kFloat) * scales.unsqueeze(1)).to(dtype);
   const at::Tensor w = w_in.contiguous(), s = scales.contiguous();
   const int64_t k = w.size(1);

@@ -2,7 +2,8 @@
 //
 // Ops, for w (n, k) and x (k,) of one dtype, float32 or bfloat16, or w of int8 with `scales`, one float32 per
 // row (weights exported with --quantize int8: row i is w[i] * scales[i]; the products are summed in float32,
-// then scaled, and the result has x's dtype):
+// then scaled, and the result has x's dtype), or w of int4, (n, k / 2) uint8 with bfloat16 x and `scales` the
+// float16 steps and offsets of each group of 32 (--quantize int4: int4.h):
 //   chat::matvec(w, x, unit_norm, norm_weight, scales) = w @ x, or w @ rmsnorm(x) when unit_norm (the norm's
 //     eps term) is given: with norm_weight the norm as the exported module computes it (see rms_norm),
 //     without it in float32 for a weight that holds the norm's weight (see unit_norm_scale);
@@ -10,7 +11,7 @@
 //   chat::gelu_tanh_mul_matvec(w, x, unit_norm, norm_weight, scales) = gelu(gate, approximate='tanh') * up of the
 //     same (GeGLU: Gemma);
 //   chat::add_matvec(r, w, x, scales) = r + w @ x;
-//   chat::dequantize(w, scales, like) = int8 w times its rows' scales, in like's dtype (a prefill's weights; like,
+//   chat::dequantize(w, scales, like) = int8 or int4 w made whole, in like's dtype (a prefill's weights; like,
 //     the prefill's input, is an argument so that freezing the module cannot fold the op into a constant: a
 //     whole copy of the weights);
 //   chat::cache_attend(qkv, cos, sin, k_cache, v_cache, positions, window, scale, softcap, sliding_window) =

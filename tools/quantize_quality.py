@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
-"""What rounding the matmul weights to int8 (export --quantize int8) costs a model, measured in transformers.
+"""What rounding the matmul weights (export --quantize int8 or int4) costs a model, measured in transformers.
 
 Usage:
-  int8_quality.py [--model=DIR] [--tokens=N]
-  int8_quality.py (-h | --help)
+  quantize_quality.py [--model=DIR] [--tokens=N]
+  quantize_quality.py (-h | --help)
 
 Options:
   --model=DIR   a model directory [default: models/smollm2-135m-instruct]
   --tokens=N    greedy tokens compared per prompt [default: 64]
 
-Runs the model as it is and with its weights rounded as export rounds them (chat.export.quantize), both in
-float32 on the CPU, and for scale the model in bfloat16 (what `make demo` runs); prints the mean negative
-log-likelihood per token of a fixed passage of prose (and its perplexity), and, for a few chat prompts, how
-many greedy tokens of each agree with the original's before the first that differs.
+Runs the model as it is and with its weights rounded as export rounds them (chat.export.quantize) to int8 and
+to int4, all in float32 on the CPU, and for scale the model in bfloat16; prints the mean negative
+log-likelihood per token of a fixed passage of prose (and its perplexity), for a few chat prompts how many
+greedy tokens of each agree with the original's before the first that differs, and each one's greedy reply
+to the first prompt.
 """
 
 from __future__ import annotations
@@ -58,9 +59,15 @@ def main() -> int:
     transformers.logging.disable_progress_bar()
     models = {
         name: AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        for name, dtype in (("original", torch.float32), ("int8", torch.float32), ("bfloat16", torch.bfloat16))
+        for name, dtype in (
+            ("original", torch.float32),
+            ("int8", torch.float32),
+            ("int4", torch.float32),
+            ("bfloat16", torch.bfloat16),
+        )
     }
-    round_model_weights(models["int8"])
+    for kind in ("int8", "int4"):
+        round_model_weights(models[kind], kind)
 
     passage = torch.tensor([tokenizer.encode(PASSAGE, add_special_tokens=False)])
     print(f"{model_dir.name}: negative log-likelihood per token of a {passage.size(1)}-token passage")
@@ -69,7 +76,11 @@ def main() -> int:
             nll = float(model(input_ids=passage, labels=passage).loss)
         print(f"  {name:8} {nll:.4f} (perplexity {torch.tensor(nll).exp():.2f})")
 
-    print(f"greedy tokens that agree with the original's before the first difference (of {tokens}): int8, bfloat16")
+    others = [name for name in models if name != "original"]
+    print(
+        f"greedy tokens that agree with the original's before the first difference (of {tokens}): {', '.join(others)}"
+    )
+    first_replies = {}
     for text in PROMPTS:
         prompt = tokenizer.render([{"role": "user", "content": text}]) if tokenizer.has_chat_template else text
         ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=not tokenizer.has_chat_template)])
@@ -78,8 +89,12 @@ def main() -> int:
             with torch.no_grad():
                 out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
             replies[name] = out[0, ids.size(1) :].tolist()
-        same = [agreeing(replies["original"], replies[name]) for name in ("int8", "bfloat16")]
-        print(f"  {same[0]:3d} {same[1]:3d}  {text}")
+        first_replies = first_replies or replies
+        same = "".join(f"{agreeing(replies['original'], replies[name]):4d}" for name in others)
+        print(f"{same}  {text}")
+    print(f"greedy replies to {PROMPTS[0]!r}:")
+    for name, reply in first_replies.items():
+        print(f"  {name:8} {tokenizer.decode(reply)!r}")
     return 0
 
 
