@@ -26,6 +26,7 @@ from chat.backends.base import BackendInfo, LoadOptions, common_prefix
 from chat.errors import ChatError
 from chat.lean.cache import allocate_cache, grow_cache
 from chat.lean.ops import quiet_torchscript
+from chat.lean.pages import move_to_huge_pages
 from chat.lean.shape import Shape
 from chat.threads import StartingThreads
 from chat.tokenizer import FastTokenizer
@@ -76,6 +77,8 @@ class TorchScriptBackend:
         self.max_len = int(manifest["max_len"])
         self.dtype = getattr(torch, manifest["dtype"])
         self.cache_positions = min(self.max_len, FIRST_CACHE)  # how many the KV cache has room for now
+        if device.type == "cpu":
+            move_to_huge_pages(module)  # before the cache is given: it gets pages of its own, and grows
         allocate_cache(module, self.shape, self.cache_positions, self.dtype, device)
         with quiet_torchscript():
             # Weights become constants: no attribute lookups per step (a few % of decode time on CPU).
