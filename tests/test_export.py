@@ -92,29 +92,46 @@ def test_other_families_verify(tiny_llama, tmp_path, model_type):
     assert read_manifest(out)["model_type"] == model_type
 
 
+# quantize, activations, the dtypes a layer's weights and scales have in the file
+QUANTIZED = [
+    ("int8", "float32", torch.int8, torch.float32),
+    ("int8", "bfloat16", torch.int8, torch.float32),
+    ("int4", "bfloat16", torch.uint8, torch.float16),
+]
+
+
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_int8_export_verifies_on_the_same_rounded_weights_and_chats(request, tmp_path, model, dtype):
-    """--quantize int8: the matmul weights are int8 in the file, --verify holds the artifact to transformers
-    running the same rounded weights, and the chat says what it runs."""
+@pytest.mark.parametrize(("quantize", "dtype", "weights", "scales"), QUANTIZED)
+def test_quantized_export_verifies_on_the_same_rounded_weights_and_chats(
+    request, tmp_path, model, quantize, dtype, weights, scales
+):
+    """--quantize: a layer's matmul weights are int8 rows or int4 groups in the file (the head int8 either way),
+    --verify holds the artifact to transformers running the same rounded weights, and the chat says what it
+    runs."""
     if native.supported():
-        pytest.skip(f"int8 decodes on chat's native kernels: {native.supported()}")
+        pytest.skip(f"{quantize} decodes on chat's native kernels: {native.supported()}")
     messages = []
     source = request.getfixturevalue(model)
     out = export(
-        str(source), tmp_path / "art", dtype=dtype, max_len=128, quantize="int8", verify=True, progress=messages.append
+        str(source),
+        tmp_path / "art",
+        dtype=dtype,
+        max_len=128,
+        quantize=quantize,
+        verify=True,
+        progress=messages.append,
     )
     assert sum("32 greedy tokens identical" in m for m in messages) == 3
-    assert read_manifest(out)["quantization"] == "int8"
+    assert read_manifest(out)["quantization"] == quantize
     backend = TorchScriptBackend(out)
     try:
         with quiet_torchscript():
             buffers = dict(torch.jit.load(str(out / "model.ts")).named_buffers())
         qkv = "blocks.0.attention.qkv.linear."
-        assert buffers[qkv + "weight"].dtype == torch.int8 and buffers[qkv + "scale"].dtype == torch.float32
+        assert buffers[qkv + "weight"].dtype == weights and buffers[qkv + "scale"].dtype == scales
         assert buffers["head.proj.linear.weight"].dtype == torch.int8
         assert buffers["embedding.weight"].dtype == getattr(torch, dtype)
-        assert backend.info.runs_on.startswith(f"{dtype}, int8 weights, native")
+        assert backend.info.runs_on.startswith(f"{dtype}, {quantize} weights, native")
         # Freezing at load must not fold prefill's dequantize into float copies of every weight.
         assert str(backend.module.prefill.graph).count("chat::dequantize") >= 4
         stream = ReplyStream(backend, [5, 6, 7], GenerationParams(max_new_tokens=6, temperature=0.0), None, [])
@@ -147,40 +164,6 @@ def test_int8_logits_are_transformers_on_the_rounded_weights(request, tmp_path, 
         got = [backend.prefill(ids[:4])] + [backend.decode(token) for token in ids[4:]]
         for step, logits in enumerate(got, start=3):
             torch.testing.assert_close(logits.float(), expected[step], rtol=1e-4, atol=1e-4)
-    finally:
-        backend.close()
-
-
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
-def test_int4_export_verifies_on_the_same_rounded_weights_and_chats(request, tmp_path, model):
-    """--quantize int4: a layer's matmul weights are int4 groups in the file (the head int8), --verify holds the
-    artifact to transformers running the same rounded weights, and the chat says what it runs."""
-    if native.supported():
-        pytest.skip(f"int4 decodes on chat's native kernels: {native.supported()}")
-    messages = []
-    source = request.getfixturevalue(model)
-    out = export(
-        str(source),
-        tmp_path / "art",
-        dtype="bfloat16",
-        max_len=128,
-        quantize="int4",
-        verify=True,
-        progress=messages.append,
-    )
-    assert sum("32 greedy tokens identical" in m for m in messages) == 3
-    assert read_manifest(out)["quantization"] == "int4"
-    backend = TorchScriptBackend(out)
-    try:
-        with quiet_torchscript():
-            buffers = dict(torch.jit.load(str(out / "model.ts")).named_buffers())
-        qkv = "blocks.0.attention.qkv.linear."
-        assert buffers[qkv + "weight"].dtype == torch.uint8 and buffers[qkv + "scale"].dtype == torch.float16
-        assert buffers["head.proj.linear.weight"].dtype == torch.int8
-        assert backend.info.runs_on.startswith("bfloat16, int4 weights, native")
-        assert str(backend.module.prefill.graph).count("chat::dequantize") >= 4
-        stream = ReplyStream(backend, [5, 6, 7], GenerationParams(max_new_tokens=6, temperature=0.0), None, [])
-        assert len(list(stream)) > 0 and stream.stats.new_tokens == 6
     finally:
         backend.close()
 
