@@ -65,6 +65,20 @@ def test_moved_tensors_keep_their_values_and_sharing_in_one_block_at_cache_lines
     assert len({t.untyped_storage().data_ptr() for t in after.values() if t.numel()}) == 1  # one block
 
 
+def test_without_room_for_a_mapping_the_tensors_stay_where_they_are(monkeypatch):
+    def no_room(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    holder = Holder()
+    before = {name: (t.data_ptr(), t.clone()) for name, t in holder.named_buffers()}
+    monkeypatch.setattr(mmap, "mmap", no_room)
+    assert move_to_huge_pages(holder) == 0
+    for name, t in holder.named_buffers():
+        assert t.data_ptr() == before[name][0] and torch.equal(t, before[name][1])
+    [zeros] = huge_page_zeros([(2, 3)], torch.float32)
+    assert torch.equal(zeros, torch.zeros(2, 3))
+
+
 def test_huge_page_zeros_are_zeros_of_their_shapes():
     k, v = huge_page_zeros([(1, 3, 16, 8), (1, 3, 16, 8)], torch.bfloat16)
     assert k.shape == v.shape == (1, 3, 16, 8) and k.dtype == torch.bfloat16

@@ -11,6 +11,7 @@ its place in the module.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -35,8 +36,12 @@ def _block(size: int) -> torch.Tensor | None:
         return None
     # Private: shared anonymous memory is file-backed (shmem), whose 2 MiB pages are off by default. A size of
     # whole 2 MiB pages: Linux aligns the start of such a mapping to one.
-    block = mmap.mmap(-1, _aligned(size, HUGE_PAGE), flags=mmap.MAP_PRIVATE)
-    block.madvise(mmap.MADV_HUGEPAGE)
+    try:
+        block = mmap.mmap(-1, _aligned(size, HUGE_PAGE), flags=mmap.MAP_PRIVATE)
+    except OSError:  # no room for a mapping: the tensors stay where they are
+        return None
+    with contextlib.suppress(OSError):  # a kernel built without huge pages: plain pages, still one stream
+        block.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(block, dtype=torch.uint8)
 
 
