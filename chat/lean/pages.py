@@ -31,7 +31,7 @@ def _aligned(n: int, to: int) -> int:
 
 def _block(size: int) -> torch.Tensor | None:
     """`size` bytes of zeroed memory advised to use 2 MiB pages, as a uint8 tensor that keeps the mapping alive
-    as long as a view of it does; None where this system gives no such advice."""
+    as long as a view of it does; None where this system has no such advice or no room for the mapping."""
     if not hasattr(mmap, "MADV_HUGEPAGE") or size == 0:
         return None
     # Private: shared anonymous memory is file-backed (shmem), whose 2 MiB pages are off by default. A size of
