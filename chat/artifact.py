@@ -20,6 +20,7 @@ MANIFEST = "chat-artifact.json"
 FORMAT = "chat-torchscript-artifact"
 FORMAT_VERSION = 2  # 2: the chat.lean module (its cache inside each layer's attention), the model's own context
 KNOWN_OPS = ("chat",)
+QUANTIZATIONS = ("int8", "int4")  # of the matmul weights (export --quantize); none when absent
 MODEL_FILE = "model.ts"
 # The model types export takes (config.json's model_type), each with the family of module it becomes
 # (chat.export.families.TRAITS): mistral and qwen2 are llama-shaped (qwen2 adds q/k/v biases).
@@ -119,7 +120,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     eos = manifest["eos_token_ids"]
     if not (isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
         raise ArtifactError(f"{path} has invalid eos_token_ids (a list of token ids); {fix}")
-    if manifest.get("quantization") not in (None, "int8", "int4"):  # export --quantize
+    if manifest.get("quantization") not in (None, *QUANTIZATIONS):
         raise ArtifactError(f"{path} has weights quantized as {manifest['quantization']!r}, unknown here; {fix}")
     ops = manifest.get("ops", [])  # torch.ops namespaces the module calls besides aten (see chat.native)
     if not (isinstance(ops, list) and all(op in KNOWN_OPS for op in ops)):

@@ -49,6 +49,7 @@ def main() -> int:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from chat.artifact import QUANTIZATIONS
     from chat.export.quantize import round_model_weights
     from chat.tokenizer import FastTokenizer
 
@@ -66,7 +67,7 @@ def main() -> int:
             ("bfloat16", torch.bfloat16),
         )
     }
-    for kind in ("int8", "int4"):
+    for kind in QUANTIZATIONS:
         round_model_weights(models[kind], kind)
 
     passage = torch.tensor([tokenizer.encode(PASSAGE, add_special_tokens=False)])

@@ -19,6 +19,7 @@ from chat import native
 from chat.artifact import (
     ARTIFACTS_SUBDIR,
     MANIFEST,
+    QUANTIZATIONS,
     artifact_dir_for,
     drop_prefetched,
     is_artifact,
@@ -97,7 +98,7 @@ def find_artifact(options: LoadOptions) -> tuple[Path | None, str]:
     if not path.is_dir():
         return None, f"{options.model} is not a local directory; TorchScript needs an exported artifact"
     target = artifact_dir_for(path, device_type, dtypes[0])
-    quantized = f" --quantize={options.quantize}" if options.quantize in ("int8", "int4") else ""
+    quantized = f" --quantize={options.quantize}" if options.quantize in QUANTIZATIONS else ""
     return None, (
         f"no TorchScript artifact for {device_type} in {path / ARTIFACTS_SUBDIR} "
         f"(make one: python -m chat.export {path} {target} --device={device_type} --dtype={dtypes[0]}{quantized})"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from chat import native
-from chat.artifact import MODEL_FILE, is_artifact, sha256_file, write_manifest
+from chat.artifact import MODEL_FILE, QUANTIZATIONS, is_artifact, sha256_file, write_manifest
 from chat.errors import ChatError, UsageError
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def export(
         raise UsageError(f"--dtype={dtype}: use float32, bfloat16 or float16")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device={device}: use cpu or cuda")
-    if quantize not in (None, "int8", "int4"):
+    if quantize not in (None, *QUANTIZATIONS):
         raise UsageError(f"--quantize={quantize}: use int8 or int4 (or leave it out)")
     if quantize and device != "cpu":
         raise UsageError(

@@ -23,9 +23,8 @@ import torch
 from torch import nn
 
 from chat.lean.model import MATMUL_WEIGHTS, Weights
-from chat.lean.ops import INT4_GROUP, INT4_RUN, int4_weights
+from chat.lean.ops import INT4_GROUP, INT4_RUN, quantized_weights
 
-KINDS = ("int8", "int4")
 # Fractions of a group's range cut from its low and its high end, tried for each group.
 INT4_TRIMS = (0.0, 0.02, 0.04, 0.07, 0.1)
 
@@ -82,17 +81,15 @@ def _int4_ranges(low: torch.Tensor, high: torch.Tensor):
                 yield offsets, torch.where(bits > 1, bits - 1, bits).view(torch.float16)
 
 
-def takes_int4(w: torch.Tensor) -> bool:
-    """Whether a matmul weight (out, in) can be int4: rows of a multiple of 64 weights."""
-    return w.size(1) % INT4_RUN == 0
+def quantize(kind: str, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, scales) of a matmul weight (out, in) as export stores it: int4 groups where kind is int4 and its
+    rows hold a multiple of 64 weights, else int8 rows."""
+    return quantize_groups(w) if kind == "int4" and w.size(1) % INT4_RUN == 0 else quantize_rows(w)
 
 
 def round_to(kind: str, w: torch.Tensor) -> torch.Tensor:
     """w (out, in) with each row replaced by what its quantized form stands for (float32)."""
-    if kind == "int4" and takes_int4(w):
-        return int4_weights(*quantize_groups(w))
-    q, scale = quantize_rows(w)
-    return q.float() * scale[:, None]
+    return quantized_weights(*quantize(kind, w))
 
 
 @torch.no_grad()
@@ -121,8 +118,6 @@ def quantize_weights(top: Weights, layers: list[Weights], kind: str) -> tuple[We
     for weights in layers:
         weights = dict(weights)
         for name in MATMUL_WEIGHTS:
-            w = weights[name]
-            rounded = quantize_groups(w) if kind == "int4" and takes_int4(w) else quantize_rows(w)
-            weights[name], weights[name + "_scale"] = rounded
+            weights[name], weights[name + "_scale"] = quantize(kind, weights[name])
         quantized.append(weights)
     return top, quantized

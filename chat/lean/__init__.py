@@ -8,4 +8,5 @@ backend and chat.native's fallback ops.
 - attention.py: q/k norms, RoPE and attention over the KV cache, one class per form.
 - model.py: a layer, the whole model, and `build`, which picks every form once for a device, dtype and kernels.
 - cache.py: giving a module (eager or loaded TorchScript) its KV cache and growing it.
+- pages.py: a loaded module's weights, and KV caches, in memory backed by 2 MiB pages (CPU decode streams them).
 """

@@ -52,6 +52,12 @@ def int4_weights(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (levels * scales[:, 0].float().unsqueeze(2) + scales[:, 1].float().unsqueeze(2)).reshape(rows, width)
 
 
+def quantized_weights(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Quantized weights made whole in float32: int4 groups (uint8 w, see int4_weights), or int8 rows times their
+    float32 scales."""
+    return int4_weights(w, scales) if w.dtype == torch.uint8 else w.float() * scales.unsqueeze(1)
+
+
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap), Gemma 2's bound on attention scores and logits, in transformers' order of ops."""
     return torch.tanh(x / cap) * cap

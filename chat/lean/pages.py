@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
+import functools
 import mmap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -58,10 +58,14 @@ def _view(block: torch.Tensor, place: int, dtype: torch.dtype, shape: Sequence[i
     return block[place : place + _count(shape) * dtype.itemsize].view(dtype).view(tuple(shape))
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's, found in the process; other C libraries lack it
+
+
 def _give_back_freed_memory() -> None:
     """Hand the C heap's free pages back to the system: torch.jit.load's copies of the weights came from it."""
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None  # glibc's; others may lack it
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
 

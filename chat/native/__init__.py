@@ -295,7 +295,7 @@ def fallback_library(namespace: str) -> torch.library.Library:
     import torch
     import torch.nn.functional as F
 
-    from chat.lean.ops import int4_weights, rotate_half, unit_norm  # the lean module's own steps
+    from chat.lean.ops import quantized_weights, rotate_half, unit_norm  # the lean module's own steps
     from chat.lean.ops import softcap as cap
 
     def rms_norm(x: torch.Tensor, eps_root: float | None, weight: torch.Tensor | None) -> torch.Tensor:
@@ -304,14 +304,11 @@ def fallback_library(namespace: str) -> torch.library.Library:
         unit = unit_norm(x.float(), torch.tensor(eps_root))
         return unit.to(x.dtype) if weight is None else weight * (unit * x.numel() ** 0.5).to(x.dtype)
 
-    def whole(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:  # quantized weights in float32
-        return int4_weights(w, scales) if w.dtype == torch.uint8 else w.float() * scales.unsqueeze(1)
-
     def mv(w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         if scales is None:
             return torch.mv(w, x)
         if w.dtype == torch.uint8:
-            return torch.mv(whole(w, scales), x.float()).to(x.dtype)
+            return torch.mv(quantized_weights(w, scales), x.float()).to(x.dtype)
         return (torch.mv(w.float(), x.float()) * scales).to(x.dtype)  # int8 rows: summed in float32, then scaled
 
     def matvec(w, x, eps_root=None, norm_weight=None, scales=None):
@@ -366,7 +363,7 @@ def fallback_library(namespace: str) -> torch.library.Library:
         (
             "dequantize",
             "(Tensor w, Tensor scales, Tensor like) -> Tensor",
-            lambda w, scales, like: whole(w, scales).to(like.dtype),
+            lambda w, scales, like: quantized_weights(w, scales).to(like.dtype),
         ),
         (
             "cache_attend",
