@@ -6,8 +6,10 @@
 // then its offsets): w = d * q + m, q in [0, 15]. Then w . x = sum_g d_g (q_g . x_g) + sum_g m_g sum(x_g): the
 // products of levels and x per group, scaled, and the offsets against x's group sums, taken once per op.
 //
-// AVX-512: the levels 0..15 are looked up as bfloat16 (vpermw, exact), so that vdpbf16ps multiplies them by
-// bfloat16 x 32 at a time into float32 sums. AVX2: the levels are widened to float32 8 at a time.
+// AVX-512: the levels are made bfloat16 128 + q by one OR, 0x4300 | q (exact: 128..143 need 8 significant
+// bits), so that vdpbf16ps multiplies them by bfloat16 x 32 at a time into float32 sums; (128 + q) . x is
+// q . x + 128 sum(x), and the 128 d sum(x) goes with the offsets. A row's 16 partial sums wait for 15 more rows,
+// to be added up together (lane_totals16). AVX2: the levels are widened to float32 8 at a time.
 
 #pragma once
 
@@ -38,44 +40,73 @@ inline std::vector<float> int4_group_sums(const at::BFloat16* x, int64_t k) {
   return sums;
 }
 
+// The totals of 16 vectors of 16 float32 sums, lane i of the result holding v[i]'s: four rounds of pairwise
+// adds over shuffled halves, 45 ops for 16 rows where reducing each vector alone takes 8 dependent steps.
+CHAT_AVX512 inline __m512 lane_totals16(const __m512* v) {
+  __m512 halves[8], quarters[4], eighths[2];
+  for (int i = 0; i < 8; ++i) {  // lanes 0-7 of v[i], then 8-15 of v[i + 8]
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+  }
+  for (int i = 0; i < 4; ++i) {
+    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[i], halves[i + 4], 0x88),
+                                _mm512_shuffle_f32x4(halves[i], halves[i + 4], 0xDD));
+  }
+  for (int i = 0; i < 2; ++i) {
+    eighths[i] = _mm512_add_ps(_mm512_shuffle_ps(quarters[i], quarters[i + 2], 0x44),
+                               _mm512_shuffle_ps(quarters[i], quarters[i + 2], 0xEE));
+  }
+  const __m512 totals = _mm512_add_ps(_mm512_shuffle_ps(eighths[0], eighths[1], 0x88),
+                                      _mm512_shuffle_ps(eighths[0], eighths[1], 0xDD));
+  // The rounds leave v[i]'s total in lane 0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15 for i = 0..15.
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 13, 14, 12, 7, 5, 6, 4, 11, 9, 10, 8, 3, 1, 2, 0), totals);
+}
+
+// Hands store(block + i, total) the totals of sums[i], i < count (the rest of the 16 are ignored).
+template <typename Store>
+CHAT_AVX512 inline void store_totals16(__m512* sums, int64_t block, int64_t count, const Store& store) {
+  for (int64_t i = count; i < 16; ++i) sums[i] = _mm512_setzero_ps();
+  alignas(64) float totals[16];
+  _mm512_store_ps(totals, lane_totals16(sums));
+  for (int64_t i = 0; i < count; ++i) store(block + i, totals[i]);
+}
+
 // Rows [first, last) of int4 w times bfloat16 x; store(row, float32 sum) writes each result.
 template <typename Store>
 CHAT_AVX512_BF16 void dot_rows_int4(const uint8_t* w, const at::Half* scales, const at::BFloat16* x,
                                     const float* group_sums, int64_t first, int64_t last, int64_t k,
                                     const Store& store) {
   const int64_t groups = k / kInt4Group, runs = k / kInt4Run;
-  alignas(64) uint16_t level_bits[32] = {};
-  for (int q = 0; q < 16; ++q) {
-    const float level = static_cast<float>(q);
-    uint32_t bits;
-    std::memcpy(&bits, &level, sizeof bits);
-    level_bits[q] = static_cast<uint16_t>(bits >> 16);  // exact: 0..15 need 4 of bfloat16's 8 significant bits
-  }
-  const __m512i levels = _mm512_load_si512(level_bits);
-  const __m512i low_nibbles = _mm512_set1_epi16(15);
+  const __m512i low_nibbles = _mm512_set1_epi16(15), level_base = _mm512_set1_epi16(0x4300);
   std::vector<float> dm(2 * groups);
   const float* d = dm.data();
   const float* m = d + groups;
-  for (int64_t r = first; r < last; ++r) {
+  auto row_sums = [&](int64_t r) CHAT_AVX512_BF16 {
     const uint8_t* row = w + r * (k / 2);
     int4_scales_avx512(scales + r * 2 * groups, groups, dm.data());
     __m512 s0 = _mm512_setzero_ps(), s1 = s0;
     for (int64_t run = 0; run < runs; ++run) {
       const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * run)));
-      const __m512bh first32 = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(bytes, low_nibbles), levels);
-      const __m512bh next32 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), levels);
+      const __m512bh first32 = (__m512bh)_mm512_ternarylogic_epi32(bytes, low_nibbles, level_base, 0xEA);  // a & b | c
+      const __m512bh next32 = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(bytes, 4), level_base);
       const __m512bh* xs = reinterpret_cast<const __m512bh*>(x + kInt4Run * run);
       const __m512 p0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), first32, (__m512bh)_mm512_loadu_si512(xs));
       const __m512 p1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), next32, (__m512bh)_mm512_loadu_si512(xs + 1));
       s0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(d[2 * run]), s0);
       s1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(d[2 * run + 1]), s1);
     }
-    __m512 offsets = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g += 16) {
+    for (int64_t g = 0; g < groups; g += 16) {  // (m - 128 d) . group sums
       const __mmask16 mask = lanes_below16(groups - g);
-      offsets = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, m + g), _mm512_maskz_loadu_ps(mask, group_sums + g), offsets);
+      const __m512 offsets = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), _mm512_maskz_loadu_ps(mask, d + g),
+                                              _mm512_maskz_loadu_ps(mask, m + g));
+      s0 = _mm512_fmadd_ps(offsets, _mm512_maskz_loadu_ps(mask, group_sums + g), s0);
     }
-    store(r, _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), offsets)));
+    return _mm512_add_ps(s0, s1);
+  };
+  for (int64_t block = first; block < last; block += 16) {  // the rows in turn, their totals 16 at a time
+    const int64_t count = std::min<int64_t>(16, last - block);
+    __m512 sums[16];
+    for (int64_t i = 0; i < count; ++i) sums[i] = row_sums(block + i);
+    store_totals16(sums, block, count, store);
   }
 }
 

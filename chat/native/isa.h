@@ -21,7 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#define CHAT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define CHAT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define CHAT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define CHAT_AVX2 __attribute__((target("avx2,fma")))
 
