@@ -205,15 +205,14 @@ Isa attend_form(int64_t d) {
 // Attention of float32 queries qp (kv_heads x groups x d) over positions [start, n) of k and v (1, kv_heads, len,
 // d), rows contiguous, with attend_chunk's scale and softcap. Work items are (kv head, 64 positions from start);
 // their partial results merge as in flash-decoding. Keys and values stream once, shared by the query heads of
-// their group. Returns (1, kv_heads, groups, d).
+// their group. Returns (kv_heads * groups * d) in the caches' dtype.
 at::Tensor attend_float(Isa form, const float* qp, const at::Tensor& k, const at::Tensor& v, int64_t groups,
                         int64_t start, int64_t n, float scale, float softcap) {
   const int64_t heads = k.size(1), d = k.size(3);
   const int64_t chunks = (n - start + kChunk - 1) / kChunk, items = heads * chunks;
-  const auto floats = k.options().dtype(at::kFloat);
   // Per item and query head: m, l, then acc (d floats).
-  at::Tensor parts = at::empty({items, groups, d + 2}, floats);
-  float* pp = parts.data_ptr<float>();
+  std::vector<float> parts(items * groups * (d + 2));
+  float* pp = parts.data();
   const bool wide = form == Isa::kAvx512;
   auto run = [&](auto* kp, auto* vp) {
     using T = std::remove_pointer_t<decltype(kp)>;
@@ -237,24 +236,32 @@ at::Tensor attend_float(Isa form, const float* qp, const at::Tensor& k, const at
   } else {
     run(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
   }
-  at::Tensor result = at::empty({1, heads, groups, d}, floats);
-  float* rp = result.data_ptr<float>();
-  for (int64_t h = 0; h < heads; ++h) {
-    for (int64_t g = 0; g < groups; ++g) {
-      float top = -INFINITY;
-      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, pp[(h * chunks + c) * groups * (d + 2) + g]);
-      float total = 0.0f;
-      float* o = rp + (h * groups + g) * d;
-      std::fill(o, o + d, 0.0f);
-      for (int64_t c = 0; c < chunks; ++c) {
-        const float* part = pp + (h * chunks + c) * groups * (d + 2);
-        const float w = std::exp(part[g] - top);
-        total += w * part[groups + g];
-        const float* a = part + 2 * groups + g * d;
-        for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
+  at::Tensor result = at::empty({heads * groups * d}, k.options());
+  std::vector<float> o(d);
+  auto merge = [&](auto* rp) {
+    using T = std::remove_pointer_t<decltype(rp)>;
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t g = 0; g < groups; ++g) {
+        float top = -INFINITY;
+        for (int64_t c = 0; c < chunks; ++c) top = std::max(top, pp[(h * chunks + c) * groups * (d + 2) + g]);
+        float total = 0.0f;
+        std::fill(o.begin(), o.end(), 0.0f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* part = pp + (h * chunks + c) * groups * (d + 2);
+          const float w = std::exp(part[g] - top);
+          total += w * part[groups + g];
+          const float* a = part + 2 * groups + g * d;
+          for (int64_t i = 0; i < d; ++i) o[i] += w * a[i];
+        }
+        T* out = rp + (h * groups + g) * d;
+        for (int64_t i = 0; i < d; ++i) out[i] = static_cast<T>(o[i] / total);
       }
-      for (int64_t i = 0; i < d; ++i) o[i] /= total;
     }
+  };
+  if (k.scalar_type() == at::kFloat) {
+    merge(result.data_ptr<float>());
+  } else {
+    merge(result.data_ptr<at::BFloat16>());
   }
   return result;
 }
@@ -354,9 +361,7 @@ at::Tensor cache_attend(const at::Tensor& qkv, const std::optional<at::Tensor>& 
   }
   const float factor = scale ? static_cast<float>(*scale) : 1.0f / std::sqrt(static_cast<float>(d));
   const float cap = softcap ? static_cast<float>(*softcap) : 0.0f;
-  return attend_float(form, q.data(), k_cache, v_cache, heads / kv_heads, start, n, factor, cap)
-      .reshape({-1})
-      .to(dtype);
+  return attend_float(form, q.data(), k_cache, v_cache, heads / kv_heads, start, n, factor, cap);
 }
 
 }  // namespace chat_native

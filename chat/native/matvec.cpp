@@ -158,7 +158,7 @@ void int4_rows(Isa form, const at::Tensor& w, const at::Tensor& x, const at::Ten
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
   const at::BFloat16* xp = x.data_ptr<at::BFloat16>();
-  const std::vector<float> sums = int4_group_sums(xp, k);
+  const std::vector<float> sums = form == Isa::kAvx512 ? int4_group_sums_avx512(xp, k) : int4_group_sums(xp, k);
   at::parallel_for(0, n, kGrain, [&](int64_t first, int64_t last) {
     if (form == Isa::kAvx512) {
       dot_rows_int4(wp, sp, xp, sums.data(), first, last, k, store);
@@ -206,8 +206,14 @@ at::Tensor mv_torch(const at::Tensor& w, const at::Tensor& x, const std::optiona
 // sqrt(sum(x^2) + eps_root^2), summed in double: the divisor of both RMSNorm forms below.
 template <typename T>
 double norm_hypot(const T* x, int64_t k, double eps_root) {
+  double sums[8] = {};  // eight running sums, so that the adds do not wait on each other
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    for (int j = 0; j < 8; ++j) sums[j] += static_cast<double>(x[i + j]) * static_cast<double>(x[i + j]);
+  }
   double sum = eps_root * eps_root;
-  for (int64_t i = 0; i < k; ++i) sum += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  for (; i < k; ++i) sum += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  for (double part : sums) sum += part;
   return std::sqrt(sum);
 }
 
@@ -222,11 +228,40 @@ at::Tensor unit_norm_fallback(const at::Tensor& x, std::optional<double> eps_roo
   return x / at::hypot(at::linalg_vector_norm(x), at::scalar_tensor(*eps_root, x.options()));
 }
 
+// Rounds float32 lanes to the nearest bfloat16 (ties to even), kept as float32: what torch's ops on bfloat16 store.
+CHAT_AVX512 inline __m512 round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// Stores the lanes of mask of v, float32 lanes already rounded to bfloat16, as bfloat16.
+CHAT_AVX512 inline void store16_tail(__mmask16 mask, at::BFloat16* p, __m512 v) {
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+CHAT_AVX512 inline void store16_tail(__mmask16 mask, float* p, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
+
+// rms_norm_into's steps, 16 lanes at a time.
+template <typename T>
+CHAT_AVX512 void rms_norm_avx512(const T* x, const T* weight, int64_t k, float hypot, float root, T* out) {
+  constexpr bool bf16 = std::is_same_v<T, at::BFloat16>;
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mask = lanes_below16(k - i);
+    __m512 normed = _mm512_mul_ps(_mm512_div_ps(load16_tail(mask, x + i), _mm512_set1_ps(hypot)), _mm512_set1_ps(root));
+    if (bf16) normed = round_bf16(normed);
+    __m512 product = _mm512_mul_ps(load16_tail(mask, weight + i), normed);
+    if (bf16) product = round_bf16(product);
+    store16_tail(mask, out + i, product);
+  }
+}
+
 // RMSNorm as the exported module computes it in torch's ops, each step rounded to x's dtype as they would be:
 // weight * (x / hypot(|x|, eps_root) * sqrt(k)), the inner part in float32.
 template <typename T>
 void rms_norm_into(const T* x, const T* weight, int64_t k, double eps_root, T* out) {
   const float hypot = static_cast<float>(norm_hypot(x, k, eps_root)), root = std::sqrt(static_cast<float>(k));
+  if (isa() == Isa::kAvx512) return rms_norm_avx512(x, weight, k, hypot, root, out);
   for (int64_t i = 0; i < k; ++i) {
     const T normed = static_cast<T>(static_cast<float>(x[i]) / hypot * root);
     out[i] = static_cast<T>(static_cast<float>(weight[i]) * static_cast<float>(normed));
@@ -249,14 +284,6 @@ at::Tensor rms_norm(const at::Tensor& x_in, double eps_root, const at::Tensor& w
                   out.data_ptr<at::BFloat16>());
   }
   return out;
-}
-
-// Rounds float32 lanes to the nearest bfloat16 (ties to even), kept as float32: what torch's ops on bfloat16 store.
-CHAT_AVX512 inline __m512 round_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
 // The activations of a gated MLP's gate, in torch's order of ops: silu(g) = g / (1 + e^-g) and gelu with
@@ -330,9 +357,7 @@ CHAT_AVX512 void dequantize_rows_bf16(const int8_t* w, const float* scales, int6
     const __m512 scale = _mm512_set1_ps(scales[i]);
     for (int64_t c = 0; c < k; c += 16) {
       const __mmask16 mask = lanes_below16(k - c);
-      const __m512 v = round_bf16(_mm512_mul_ps(load16_tail(mask, w + i * k + c), scale));
-      const __m256i bf16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
-      _mm256_mask_storeu_epi16(out + i * k + c, mask, bf16);
+      store16_tail(mask, out + i * k + c, round_bf16(_mm512_mul_ps(load16_tail(mask, w + i * k + c), scale)));
     }
   }
 }
@@ -352,8 +377,7 @@ CHAT_AVX512 void dequantize_rows_int4(const uint8_t* w, const at::Half* scales, 
       for (int half = 0; half < 2; ++half) {
         const int64_t g = 2 * run + half;
         const __m512 v = _mm512_add_ps(_mm512_mul_ps(levels[half], _mm512_set1_ps(dm[g])), _mm512_set1_ps(dm[groups + g]));
-        const __m256i bf16 = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * k + kInt4Run * run + 32 * half + j), bf16);
+        store16_tail(0xFFFF, out + i * k + kInt4Run * run + 32 * half + j, round_bf16(v));
       }
     }
   }
