@@ -64,8 +64,9 @@ def assert_sums_close(got: torch.Tensor, w: torch.Tensor, x: torch.Tensor, r: to
     assert ((got.double() - exact).abs() <= size * 2**-20).all()
 
 
-# Shapes with and without tails: rows not a multiple of the 4-row blocks, columns not a multiple of a vector.
-SHAPES = [(3072, 576), (576, 1536), (7, 50), (13, 33), (1, 16), (5, 1)]
+# Shapes with and without tails: rows not a multiple of 16 (some kernels add up 16 rows' totals at once),
+# columns not a multiple of a vector.
+SHAPES = [(3072, 576), (576, 1536), (37, 128), (7, 50), (13, 33), (1, 16), (5, 1)]
 # The gated MLPs' first halves: each op with the activation of its gate, in torch's ops.
 GATES = [("silu_mul_matvec", F.silu), ("gelu_tanh_mul_matvec", partial(F.gelu, approximate="tanh"))]
 
@@ -221,7 +222,7 @@ def int4_rows(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, torch.stack([steps, offsets], dim=1).half()
 
 
-INT4_SHAPES = [(3072, 576), (576, 1536), (7, 64), (13, 128), (1, 192)]
+INT4_SHAPES = [(3072, 576), (576, 1536), (37, 128), (7, 64), (13, 128), (1, 192)]
 
 
 @pytest.mark.parametrize(("rows", "cols"), INT4_SHAPES)
