@@ -39,6 +39,8 @@ inline std::vector<float> int4_group_sums(const at::BFloat16* x, int64_t k) {
   for (int64_t i = 0; i < k; ++i) sums[i / kInt4Group] += static_cast<float>(x[i]);
   return sums;
 }
+
+// int4_group_sums, 32 lanes at a time (the order of the adds differs: float32 sums of the same values).
 CHAT_AVX512 inline std::vector<float> int4_group_sums_avx512(const at::BFloat16* x, int64_t k) {
   std::vector<float> sums(k / kInt4Group);
   for (int64_t g = 0; g < k / kInt4Group; ++g) {
