@@ -126,11 +126,13 @@ def test_quantized_export_verifies_on_the_same_rounded_weights_and_chats(
     backend = TorchScriptBackend(out)
     try:
         with quiet_torchscript():
-            buffers = dict(torch.jit.load(str(out / "model.ts")).named_buffers())
-        qkv = "blocks.0.attention.qkv.linear."
-        assert buffers[qkv + "weight"].dtype == weights and buffers[qkv + "scale"].dtype == scales
-        assert buffers["head.proj.linear.weight"].dtype == torch.int8
-        assert buffers["embedding.weight"].dtype == getattr(torch, dtype)
+            loaded = torch.jit.load(str(out / "model.ts"))
+        qkv = getattr(loaded.blocks, "0").attention.qkv.linear
+        assert qkv.weight.dtype == weights and qkv.scale.dtype == scales
+        head = loaded.head.proj.linear
+        assert head.weight.dtype == torch.int8
+        # The tied embedding is kept once: its lookups read the head's int8 rows.
+        assert loaded.embedding.weight.data_ptr() == head.weight.data_ptr()
         assert backend.info.runs_on.startswith(f"{dtype}, {quantize} weights, native")
         # Freezing at load must not fold prefill's dequantize into float copies of every weight.
         assert str(backend.module.prefill.graph).count("chat::dequantize") >= 4

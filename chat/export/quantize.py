@@ -1,8 +1,8 @@
 """Weights rounded for export --quantize: int8 rows, or int4 groups.
 
 Decode on the CPU is a stream of weights through matrix-vector products, so fewer bytes are more tokens a
-second. Activations, norms, embeddings and the KV cache keep the export's dtype; only the matmul weights
-become int8 or int4.
+second. Activations, norms, untied embeddings and the KV cache keep the export's dtype; only the matmul
+weights become int8 or int4. A tied embedding is looked up in the int8 head's rows.
 
 int8: each row to 255 levels of its own float32 scale (symmetric: row = q * scale, q in [-127, 127], scale =
 max |row| / 127); the output head too.
@@ -110,10 +110,14 @@ def round_model_weights(model: nn.Module, kind: str) -> None:
 
 def quantize_weights(top: Weights, layers: list[Weights], kind: str) -> tuple[Weights, list[Weights]]:
     """The converted weights with each matmul weight quantized and its scales beside it (name + "_scale"). The
-    head is int8; a tied head becomes an int8 copy of the embedding, which stays as it was for the token lookups."""
+    head is int8. A tied embedding is then kept once, as the head's rows (its "embed" becomes None): the model
+    looks a token's row up there, made whole to the values the embedding held (rounded with the head)."""
     top = dict(top)
-    head = top["lm_head"] if top["lm_head"] is not None else top["embed"]
+    tied = top["lm_head"] is None
+    head = top["embed"] if tied else top["lm_head"]
     top["lm_head"], top["lm_head_scale"] = quantize_rows(head)
+    if tied:
+        top["embed"] = None
     quantized = []
     for weights in layers:
         weights = dict(weights)

@@ -125,6 +125,26 @@ class ColumnEmbedding(Embedding):
         return self.weight.index_select(1, ids).t()
 
 
+class Int8RowEmbedding(Embedding):
+    """A tied embedding kept once as the int8 head's rows and scales: a token's row is made whole on lookup,
+    to the same values the embedding held (the exporter rounds a tied embedding with its head)."""
+
+    def __init__(
+        self,
+        head: L.NativeQuantizedLinear,
+        positions: torch.Tensor | None,
+        scale: torch.Tensor | float | None,
+        dtype: torch.dtype,
+    ):
+        super().__init__(head.weight, positions, scale)
+        self.register_buffer("rows_scale", head.scale)
+        self.dtype = dtype
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.index_select(0, ids).float() * self.rows_scale.index_select(0, ids).unsqueeze(1)
+        return rows.to(self.dtype)
+
+
 class Head(nn.Module):
     """Final norm and output product; Granite divides the logits, Gemma 2 soft-caps them."""
 
@@ -263,13 +283,17 @@ def build(
         rope_kind = MatrixRope
     embed, head_weight = top["embed"], top["lm_head"]
     tied = head_weight is None
-    if tied and top.get("lm_head_scale") is None:
+    if tied:
         head_weight = embed
     head_linear = _linear("lm_head", head_weight, None, top.get("lm_head_scale"), forms)
-    if isinstance(head_linear, L.TransposedLinear) and tied:  # keep one (hidden, vocab) copy
-        embedding = ColumnEmbedding(head_linear.weight, top["pos_embed"], _embed_scale(shape, embed))
+    embed_scale = _embed_scale(shape, dtype, head_linear.weight.device)
+    if embed is None:  # quantized, tied: the int8 head holds it (chat.export.quantize)
+        assert isinstance(head_linear, L.NativeQuantizedLinear)
+        embedding = Int8RowEmbedding(head_linear, top["pos_embed"], embed_scale, dtype)
+    elif isinstance(head_linear, L.TransposedLinear) and tied:  # keep one (hidden, vocab) copy
+        embedding = ColumnEmbedding(head_linear.weight, top["pos_embed"], embed_scale)
     else:
-        embedding = Embedding(embed, top["pos_embed"], _embed_scale(shape, embed))
+        embedding = Embedding(embed, top["pos_embed"], embed_scale)
     final_norm = _norm(shape, top["norm_w"], top["norm_b"], forms)
     head = Head(_normed(final_norm, head_linear, forms), shape.logits_divisor, shape.final_softcap)
     blocks = [_block(shape, w, i, forms) for i, w in enumerate(layers)]
@@ -357,9 +381,9 @@ def _linear(
     return L.Linear(weight, bias)
 
 
-def _embed_scale(shape: Shape, embed: torch.Tensor) -> torch.Tensor | float | None:
+def _embed_scale(shape: Shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor | float | None:
     if shape.embed_scale == 1.0:
         return None
     if shape.embed_scale_in_dtype:
-        return torch.tensor(shape.embed_scale, dtype=embed.dtype, device=embed.device)
+        return torch.tensor(shape.embed_scale, dtype=dtype, device=device)
     return shape.embed_scale
