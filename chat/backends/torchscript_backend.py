@@ -26,7 +26,7 @@ from chat.backends.base import BackendInfo, LoadOptions, common_prefix
 from chat.errors import ChatError
 from chat.lean.cache import allocate_cache, grow_cache
 from chat.lean.ops import quiet_torchscript
-from chat.lean.pages import move_to_huge_pages
+from chat.lean.pages import give_back_freed_memory, move_to_huge_pages
 from chat.lean.shape import Shape
 from chat.threads import StartingThreads
 from chat.tokenizer import FastTokenizer
@@ -87,6 +87,7 @@ class TorchScriptBackend:
         self.module = module
         self.tokenizer = FastTokenizer(directory)
         self.tokenizer.eos_token_ids |= set(manifest["eos_token_ids"])
+        give_back_freed_memory()
         self.manifest = manifest
         torch.set_num_threads(threads.settle())
         self.info = BackendInfo(

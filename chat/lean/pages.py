@@ -63,8 +63,9 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's, found in the process; other C libraries lack it
 
 
-def _give_back_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system: torch.jit.load's copies of the weights came from it."""
+def give_back_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system. glibc keeps what a load freed (torch.jit.load's copies
+    of the weights, the tokenizer's parse, freezing's passes) for later allocations that a chat never makes."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
@@ -90,9 +91,9 @@ def move_to_huge_pages(module: nn.Module) -> int:
             tensor.set_(moved)  # the old storage is freed here: its tensor was the last to hold it
             moved_since_trim += moved.nbytes
             if moved_since_trim >= TRIM_EVERY:
-                _give_back_freed_memory()
+                give_back_freed_memory()
                 moved_since_trim = 0
-    _give_back_freed_memory()
+    give_back_freed_memory()
     return size
 
 
