@@ -59,3 +59,12 @@ def test_ratios_are_of_the_bests_and_the_median_of_each_rounds_ratio():
     assert "| bfloat16 / BF16, 2 threads | 0.60 (0.50) | 0.60 (0.50) | 0.60 (0.50) | 2.00 (2.00) |" in (
         bench_peers.render(report)
     )
+
+
+def test_a_reply_cut_inside_a_character_is_kept_with_a_replacement(tmp_path, tiny_llama):
+    """llama-simple's 32 tokens can end inside a UTF-8 character (random weights print any bytes)."""
+    bench_peers = load("bench_peers")
+    program = tmp_path / "llama-simple"
+    program.write_text("#!/bin/sh\nprintf 'prompt<|im_start|>assistant\\nPar\\267is<|im_end|>'\n")
+    program.chmod(0o755)
+    assert bench_peers.answer(program, tmp_path / "model.gguf", tiny_llama) == "Par\ufffdis"

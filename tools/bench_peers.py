@@ -222,7 +222,9 @@ def answer(llama_simple: Path, gguf: Path, model: Path) -> str:
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     messages = [{"role": "user", "content": QUESTION}]
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    done = subprocess.run([str(llama_simple), "-m", str(gguf), "-n", "32", prompt], capture_output=True, text=True)
+    # Replace, not fail: 32 tokens can end inside a character, and a model's bytes need not be UTF-8 at all.
+    argv = [str(llama_simple), "-m", str(gguf), "-n", "32", prompt]
+    done = subprocess.run(argv, capture_output=True, text=True, errors="replace")
     check(done, [str(llama_simple), str(gguf)])
     # It prints the prompt (special tokens as text) before the reply.
     reply = done.stdout.rsplit("<|im_start|>assistant\n", 1)[-1]
