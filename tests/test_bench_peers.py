@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
+DEMO_GGUF = TOOLS.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load(name: str):
@@ -51,14 +54,26 @@ def test_ratios_are_of_the_bests_and_the_median_of_each_rounds_ratio():
         "load_average": [(1.0, 1.0, 1.0)],
         "minutes": 1.0,
         "answers": {"Q8_0": "Paris."},
-        "pairs": [{"ours": "bfloat16", "llama": "BF16", "threads": 2}],
+        "pairs": [{"ours": "bfloat16", "llama": "BF16", "threads": 2, "llama_server_rss_mib": 400}],
         "rounds": rounds,
     }
     assert bench_peers.ratio(report, 0, "decode_64") == (60 / 100, 0.5)  # median of 0.5, 0.25, 0.75
     assert bench_peers.ratio(report, 0, "peak_rss_mib") == (2.0, 2.0)
-    assert "| bfloat16 / BF16, 2 threads | 0.60 (0.50) | 0.60 (0.50) | 0.60 (0.50) | 2.00 (2.00) |" in (
-        bench_peers.render(report)
-    )
+    table = bench_peers.render(report)
+    assert "| bfloat16 / BF16, 2 threads | 0.60 (0.50) | 0.60 (0.50) | 0.60 (0.50) | 2.00 (2.00) |" in table
+    assert "| bfloat16 / BF16, 2 threads | 600 | 400 | 1.50 |" in table  # the best of ours against llama-server
+
+
+def test_llama_server_as_a_chat_holds_the_file_and_its_whole_kv_cache():
+    """The chat measurement reads llama-server's own peak: at a 4096-token context its KV cache alone (f16) is as
+    large as the demo model's weights, and llama.cpp reserves it whole at start."""
+    bench_peers = load("bench_peers")
+    server = bench_peers.llama_cpp.programs()["llama-server"]
+    if not (server.is_file() and DEMO_GGUF.is_file()):
+        pytest.skip("llama-server or the demo GGUF is missing (make llama-cpp demo-model)")
+    peak = bench_peers.as_chat_rss(server, DEMO_GGUF, 1)
+    kv_cache = 30 * 2 * 4096 * 3 * 64 * 2  # the demo's layers, keys and values, positions, KV heads, head size
+    assert peak > (DEMO_GGUF.stat().st_size + kv_cache) / 2**20
 
 
 def test_a_reply_cut_inside_a_character_is_kept_with_a_replacement(tmp_path, tiny_llama):

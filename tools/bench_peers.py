@@ -25,6 +25,9 @@ ignored; threads fixed by OMP_NUM_THREADS), llama.cpp's is `llama-bench -t N -p 
 `llama-bench -t N -p 512 -n 0`, one repetition each. Depth (-d) is the context before decode, the part our
 prompt plays; prefill 512 is our time to first token at the 512-token prompt, as tokens per second. Peak RSS:
 our worker's own VmHWM; llama-bench's from /usr/bin/time (else psutil, polled), the larger of its two runs.
+llama-bench's context is only as long as its test, so each file is also run once as a chat would run it:
+llama-server with a context of 4096 tokens (whose KV cache it reserves whole at start), its VmHWM read after
+one greedy reply to the question below.
 A shared machine moves single runs by a lot, so the tables give the best of the rounds and, in brackets, the
 median; a ratio's median is over the rounds' own ratios (each side measured minutes apart at most). Also
 printed: the load average through the run, the CPU's flags, and what llama-simple answers greedily to "What is
@@ -37,6 +40,7 @@ import contextlib
 import importlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +70,7 @@ PAIRS: list[tuple[str, str, int | None]] = [
     ("bfloat16", "BF16", 1),
 ]
 METRICS = ("decode_64", "decode_512", "prefill_512", "peak_rss_mib")
+CHAT_CONTEXT = 4096  # llama-server's -c for the chat measurement
 QUESTION = "What is the capital of France?"
 ANSWERED_BY = ("BF16", "Q8_0", "Q4_0")
 # What decides a CPU's kernels on either side; lscpu spells them as /proc/cpuinfo does.
@@ -86,6 +91,7 @@ def main() -> int:
     answers = {kind: answer(programs["llama-simple"], ggufs[kind], model) for kind in ANSWERED_BY}
     for kind, text in answers.items():
         print(f"llama.cpp {kind} answers: {text!r}", file=sys.stderr, flush=True)
+    as_chat = [as_chat_rss(programs["llama-server"], ggufs[kind], n or threads) for _, kind, n in PAIRS]
 
     rounds: list[list[dict]] = []
     durations: list[float] = []
@@ -115,7 +121,10 @@ def main() -> int:
         "load_average": loads,
         "minutes": (time.monotonic() - started) / 60,
         "answers": answers,
-        "pairs": [{"ours": d, "llama": k, "threads": n or threads} for d, k, n in PAIRS],
+        "pairs": [
+            {"ours": d, "llama": k, "threads": n or threads, "llama_server_rss_mib": rss}
+            for (d, k, n), rss in zip(PAIRS, as_chat, strict=True)
+        ],
         "rounds": rounds,
     }
     out = Path(args["--out"])
@@ -231,6 +240,41 @@ def answer(llama_simple: Path, gguf: Path, model: Path) -> str:
     return reply.split("<|im_end|>", 1)[0].strip()
 
 
+def as_chat_rss(llama_server: Path, gguf: Path, threads: int) -> float:
+    """Peak RSS in MiB of llama-server (-c CHAT_CONTEXT, one slot) after one greedy reply to QUESTION."""
+    import urllib.request
+
+    print(f"measuring llama-server {gguf.stem.rsplit('-', 1)[-1]} -c {CHAT_CONTEXT} ...", file=sys.stderr, flush=True)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [str(llama_server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["-c", str(CHAT_CONTEXT), "-np", "1", "-t", str(threads)]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:  # up when /health answers 200 (503 while it loads)
+                if process.poll() is not None:
+                    log.seek(0)
+                    sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
+                    raise SystemExit(f"bench_peers: {' '.join(argv)} exited with {process.returncode}")
+                with contextlib.suppress(OSError):
+                    if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                        break
+                time.sleep(0.2)
+            request = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 32, "temperature": 0}
+            post = urllib.request.Request(
+                f"{url}/v1/chat/completions", json.dumps(request).encode(), {"Content-Type": "application/json"}
+            )
+            urllib.request.urlopen(post, timeout=600).read()
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+        finally:
+            process.terminate()
+            process.wait()
+
+
 def cpu_flags() -> list[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -288,6 +332,17 @@ def render(report: dict) -> str:
                 best, median = summary(report, p, side, metric)
                 cells.append(f"{best:.0f} ({median:.0f})" if metric == "peak_rss_mib" else f"{best:.1f} ({median:.1f})")
             lines.append(f"| {name} | {'ours' if side == 'ours' else 'llama.cpp'} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        f"Peak RSS as a chat: llama.cpp's llama-server with a {CHAT_CONTEXT}-token context (its KV cache reserved",
+        "whole at start), after one reply; ours as above, best of the rounds (its cache grows as a chat needs):",
+        "",
+        "| pair | ours MiB | llama-server MiB | ours / llama-server |",
+        "| --- | --- | --- | --- |",
+    ]
+    for p, name in enumerate(names):
+        ours_rss, server_rss = summary(report, p, "ours", "peak_rss_mib")[0], report["pairs"][p]["llama_server_rss_mib"]
+        lines.append(f"| {name} | {ours_rss:.0f} | {server_rss:.0f} | {ours_rss / server_rss:.2f} |")
     lines += ["", f'llama.cpp\'s greedy answers (llama-simple) to "{QUESTION}":', ""]
     lines += [f"- {kind}: {text!r}" for kind, text in report["answers"].items()]
     return "\n".join(lines) + "\n"
