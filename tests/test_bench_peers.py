@@ -87,3 +87,14 @@ def test_a_reply_cut_inside_a_character_is_kept_with_a_replacement(tmp_path, tin
     program.write_text("#!/bin/sh\nprintf 'prompt<|im_start|>assistant\\nPar\\267is<|im_end|>'\n")
     program.chmod(0o755)
     assert bench_peers.answer(program, tmp_path / "model.gguf", tiny_llama) == "Par\ufffdis"
+
+
+def test_a_llama_server_that_never_comes_up_ends_the_run_in_one_line(tmp_path, monkeypatch):
+    """A server that neither answers /health nor exits stops the measurement at the guard, and is stopped."""
+    bench_peers = load("bench_peers")
+    program = tmp_path / "llama-server"
+    program.write_text("#!/bin/sh\necho loading forever\nexec sleep 60\n")
+    program.chmod(0o755)
+    monkeypatch.setattr(bench_peers, "SERVER_START_LIMIT_S", 1)
+    with pytest.raises(SystemExit, match="did not answer /health"):
+        bench_peers.as_chat_rss(program, tmp_path / "model.gguf", 1)

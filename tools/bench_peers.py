@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,6 +72,7 @@ PAIRS: list[tuple[str, str, int | None]] = [
 ]
 METRICS = ("decode_64", "decode_512", "prefill_512", "peak_rss_mib")
 CHAT_CONTEXT = 4096  # llama-server's -c for the chat measurement
+SERVER_START_LIMIT_S = 600  # a guard against a llama-server that hangs while starting, not a timing
 QUESTION = "What is the capital of France?"
 ANSWERED_BY = ("BF16", "Q8_0", "Q4_0")
 # What decides a CPU's kernels on either side; lscpu spells them as /proc/cpuinfo does.
@@ -242,8 +244,6 @@ def answer(llama_simple: Path, gguf: Path, model: Path) -> str:
 
 def as_chat_rss(llama_server: Path, gguf: Path, threads: int) -> float:
     """Peak RSS in MiB of llama-server (-c CHAT_CONTEXT, one slot) after one greedy reply to QUESTION."""
-    import urllib.request
-
     print(f"measuring llama-server {gguf.stem.rsplit('-', 1)[-1]} -c {CHAT_CONTEXT} ...", file=sys.stderr, flush=True)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -253,12 +253,14 @@ def as_chat_rss(llama_server: Path, gguf: Path, threads: int) -> float:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + SERVER_START_LIMIT_S
         try:
             while True:  # up when /health answers 200 (503 while it loads)
-                if process.poll() is not None:
+                if process.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
                     sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
-                    raise SystemExit(f"bench_peers: {' '.join(argv)} exited with {process.returncode}")
+                    why = "did not answer /health" if process.poll() is None else f"exited with {process.returncode}"
+                    raise SystemExit(f"bench_peers: {' '.join(argv)} {why}")
                 with contextlib.suppress(OSError):
                     if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
                         break
